@@ -1,0 +1,40 @@
+# star-edge: `make demo` runs the main job on the bundled default model, `make test` runs the tests.
+# Each target installs what it needs into .venv first (idempotent: a stamp file records the install).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXTRAS ?= torch,dev
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+# pip's output goes to .venv/install.log and is shown only when the install fails.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing star-edge into $(VENV) (log: $(VENV)/install.log)"
+	@{ $(BIN)/python -m pip install --upgrade pip setuptools wheel \
+	  && $(BIN)/python -m pip install "$(TORCH_PIN)" \
+	  && $(BIN)/python -m pip install -e ".[$(EXTRAS)]"; } > $(VENV)/install.log 2>&1 \
+	  || { tail -n 40 $(VENV)/install.log; exit 1; }
+	@touch $(STAMP)
+
+test: install
+	@$(BIN)/pytest
+
+DEMO_QUERY ?= what could I drink from?
+
+demo: install
+	@mkdir -p out
+	@$(BIN)/star-edge segment examples/coffee.jpg "$(DEMO_QUERY)" --samples 8 --seed 0 \
+	  --json out/coffee.json --out out/coffee.png
+
+bench: install
+	@$(BIN)/python benchmarks/kernels.py
+	@$(BIN)/python benchmarks/vote.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,146 @@
+"""Loading and validating the caller's inputs: images (path, PIL image or numpy array) and queries.
+
+Every image leaves this module as an (H, W, 3) uint8 C-contiguous RGB array; anything that cannot
+become one raises InvalidInputError naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from star_edge.errors import InvalidInputError
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+MAX_PIXELS = 64_000_000
+"""Largest accepted image (W * H). Larger files are refused before they are decoded."""
+
+MIN_SIDE = 2
+"""Smallest accepted width and height in pixels."""
+
+MAX_QUERY_CHARS = 2000
+"""Longest accepted query, in characters after stripping surrounding whitespace."""
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Turn a path, PIL image or numpy array into an RGB array.
+
+    Grayscale, RGBA, LA, palette, CMYK and 16-bit images are converted; EXIF orientation is
+    applied; alpha is dropped.
+
+    Args:
+        image: a file path, a PIL image, or a numpy array: (H, W, 3) uint8 RGB, (H, W, 4) uint8
+            RGBA, (H, W) or (H, W, 1) uint8 grayscale, or the same layouts in uint16.
+        max_pixels: refuse images with more than this many pixels (decompression bombs).
+
+    Returns:
+        (H, W, 3) uint8 C-contiguous RGB array.
+    """
+    if isinstance(image, np.ndarray):
+        return _from_array(image, max_pixels)
+    if isinstance(image, Image.Image):
+        _check_size(image.size, max_pixels, "image")
+        return _from_pil(image)
+    if isinstance(image, (str, os.PathLike)):
+        return _from_path(Path(image), max_pixels)
+    raise InvalidInputError(
+        f"image must be a path, a PIL image or a numpy array, got {type(image).__name__}"
+    )
+
+
+def validate_query(query: object, max_chars: int = MAX_QUERY_CHARS) -> str:
+    """Return the query stripped of surrounding whitespace, or raise InvalidInputError."""
+    if not isinstance(query, str):
+        raise InvalidInputError(f"query must be a string, got {type(query).__name__}")
+    if "\x00" in query:
+        raise InvalidInputError("query contains a NUL character")
+    stripped = query.strip()
+    if not stripped:
+        raise InvalidInputError("query is empty")
+    if len(stripped) > max_chars:
+        raise InvalidInputError(f"query is {len(stripped)} characters long; the limit is {max_chars}")
+    return stripped
+
+
+def _from_path(path: Path, max_pixels: int) -> np.ndarray:
+    if not path.exists():
+        raise InvalidInputError(f"image file not found: {path}")
+    if path.is_dir():
+        raise InvalidInputError(f"image path is a directory, not a file: {path}")
+    if path.stat().st_size == 0:
+        raise InvalidInputError(f"image file is empty: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                _check_size(opened.size, max_pixels, str(path))
+                opened.load()
+                return _from_pil(opened)
+    except InvalidInputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInputError(f"image is too large to decode safely: {path} ({exc})") from None
+    except UnidentifiedImageError:
+        raise InvalidInputError(f"not an image file (or an unsupported format): {path}") from None
+    except PermissionError:
+        raise InvalidInputError(f"image file is not readable: {path}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInputError(f"corrupt or truncated image file {path}: {exc}") from None
+
+
+def _check_size(size: tuple[int, int], max_pixels: int, what: str) -> None:
+    width, height = size
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise InvalidInputError(f"{what} is {width}x{height}; both sides must be >= {MIN_SIDE} pixels")
+    if width * height > max_pixels:
+        raise InvalidInputError(
+            f"{what} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+
+
+def _from_pil(image: Image.Image) -> np.ndarray:
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return _from_array(np.asarray(image), max_pixels=None)
+    if image.mode == "F":
+        raise InvalidInputError("floating-point images (PIL mode 'F') are not supported; save as 8-bit")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
+def _from_array(array: np.ndarray, max_pixels: int | None) -> np.ndarray:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise InvalidInputError(
+            f"image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {array.shape}"
+        )
+    height, width = array.shape[:2]
+    if max_pixels is not None:
+        _check_size((width, height), max_pixels, "image array")
+    elif height < MIN_SIDE or width < MIN_SIDE:
+        raise InvalidInputError(f"image is {width}x{height}; both sides must be >= {MIN_SIDE} pixels")
+    rgb = array[:, :, :3]
+    if rgb.dtype == np.uint8:
+        return np.ascontiguousarray(rgb)
+    if rgb.dtype in (np.uint16, np.int32):  # int32: PIL's 'I' mode for 16-bit files
+        if rgb.min() < 0 or rgb.max() > 65535:
+            raise InvalidInputError("16-bit image values must lie in [0, 65535]")
+        return np.ascontiguousarray((rgb.astype(np.uint32) >> 8).astype(np.uint8))
+    raise InvalidInputError(
+        f"image array must be uint8 (or uint16), got {array.dtype}; "
+        "scale float images to 0-255 and convert with .astype(np.uint8)"
+    )

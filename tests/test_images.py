@@ -1,0 +1,129 @@
+"""Image and query validation: odd but valid images convert, bad ones raise InvalidInputError."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from star_edge.errors import InvalidInputError
+from star_edge.images import load_image, validate_query
+
+
+@pytest.fixture()
+def rgb() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+
+
+def _saved(tmp_path, image: Image.Image, name: str, **kwargs) -> str:
+    path = tmp_path / name
+    image.save(path, **kwargs)
+    return str(path)
+
+
+def test_rgb_array_passes_through_unchanged(rgb):
+    out = load_image(rgb)
+    assert out.dtype == np.uint8 and out.shape == (37, 53, 3) and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_non_contiguous_array_is_made_contiguous(rgb):
+    out = load_image(rgb[:, ::2])
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out, rgb[:, ::2])
+
+
+@pytest.mark.parametrize("layout", ["2d", "hw1", "rgba"])
+def test_grayscale_and_rgba_arrays_become_rgb(rgb, layout):
+    gray = rgb[:, :, 0]
+    source = {"2d": gray, "hw1": gray[:, :, None], "rgba": np.dstack([rgb, rgb[:, :, :1]])}[layout]
+    out = load_image(source)
+    expected = rgb if layout == "rgba" else np.repeat(gray[:, :, None], 3, axis=2)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_uint16_array_keeps_the_high_byte(rgb):
+    wide = rgb.astype(np.uint16) * 257
+    np.testing.assert_array_equal(load_image(wide), rgb)
+
+
+def test_png_round_trip(tmp_path, rgb):
+    np.testing.assert_array_equal(load_image(_saved(tmp_path, Image.fromarray(rgb), "a.png")), rgb)
+
+
+def test_pil_modes_convert_like_pil(tmp_path, rgb):
+    base = Image.fromarray(rgb)
+    for mode in ("L", "LA", "RGBA", "CMYK", "P"):
+        converted = base.convert(mode)
+        out = load_image(converted)
+        np.testing.assert_array_equal(out, np.asarray(converted.convert("RGB")))
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    values = np.linspace(0, 65535, 64 * 8).astype(np.uint16).reshape(8, 64)
+    path = _saved(tmp_path, Image.fromarray(values), "wide.png")
+    out = load_image(path)
+    np.testing.assert_array_equal(out[:, :, 0], (values >> 8).astype(np.uint8))
+
+
+def test_exif_orientation_is_applied(tmp_path, rgb):
+    image = Image.fromarray(rgb)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif, quality=95)
+    out = load_image(str(path))
+    assert out.shape == (53, 37, 3)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((0, 10, 3), np.uint8), "both sides"),
+        (np.zeros((10, 10, 2), np.uint8), "shape"),
+        (np.zeros((4, 10, 10, 3), np.uint8), "shape"),
+        (np.full((10, 10, 3), np.nan, np.float32), "uint8"),
+        (np.zeros((10, 10, 3), np.float64), "uint8"),
+        (np.zeros((10, 10, 3), bool), "uint8"),
+        (12, "path, a PIL image or a numpy array"),
+        (None, "path, a PIL image or a numpy array"),
+    ],
+)
+def test_bad_arrays_and_types(bad, message):
+    with pytest.raises(InvalidInputError, match=message):
+        load_image(bad)
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buffer, format="PNG")
+    (tmp_path / "cut.png").write_bytes(buffer.getvalue()[:60])
+    cases = {
+        tmp_path / "missing.jpg": "not found",
+        tmp_path: "directory",
+        tmp_path / "empty.jpg": "empty",
+        tmp_path / "text.png": "not an image",
+        tmp_path / "cut.png": "corrupt or truncated",
+    }
+    for path, message in cases.items():
+        with pytest.raises(InvalidInputError, match=message):
+            load_image(path)
+
+
+def test_oversized_image_is_refused_before_decoding(tmp_path):
+    path = _saved(tmp_path, Image.new("L", (400, 300)), "big.png")
+    with pytest.raises(InvalidInputError, match="120000 pixels; the limit is 100000"):
+        load_image(path, max_pixels=100_000)
+
+
+def test_query_validation():
+    assert validate_query("  the red cup \n") == "the red cup"
+    for bad, message in [("", "empty"), ("   ", "empty"), ("a\x00b", "NUL"), ("x" * 2001, "limit"),
+                         (None, "string"), (b"cup", "string")]:
+        with pytest.raises(InvalidInputError, match=message):
+            validate_query(bad)
