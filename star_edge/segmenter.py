@@ -1,0 +1,282 @@
+"""`Segmenter`: the user-facing pipeline (DESIGN section 1).
+
+image, query -> reasoner draws N answers (one vision encode, one prefill) -> each parsed (a bad
+sample is recorded, never raised) -> SAM embeds the image once and decodes every prompt of every
+sample in one call -> mask-level majority voting (N > 1) -> Result.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from star_edge.answer import Answer, ParseError, parse
+from star_edge.bundle import Bundle, load_bundle
+from star_edge.errors import BackendUnavailableError, InvalidInputError
+from star_edge.images import ImageInput, load_image, validate_query
+from star_edge.result import ObjectMask, Result, Sample
+from star_edge.vote import VoteConfig, majority_vote, union_mask
+
+MAX_SAMPLES = 64
+MAX_SEED = 2**63 - 1
+
+
+class ReasonerBackend(Protocol):
+    """What the Segmenter needs of a reasoner backend."""
+
+    def generate(self, image: Image.Image, query: str, n: int = 1, seed: int | None = None) -> Any:
+        """Return an object with `texts: list[str]` and `timings: dict[str, float]` (ms)."""
+
+
+class MaskDecoderBackend(Protocol):
+    """What the Segmenter needs of a SAM backend."""
+
+    def embed(self, image: np.ndarray) -> Any: ...
+
+    def decode(
+        self, embedding: Any, boxes: np.ndarray | None, points: np.ndarray | None, multimask: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class Segmenter:
+    """Reasoning segmentation with one loaded bundle.
+
+    Thread-safe: calls from several threads are serialised on one lock per Segmenter (the torch
+    backends are not re-entrant); results depend only on the inputs and the seed.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        reasoner: ReasonerBackend,
+        mask_decoder: MaskDecoderBackend,
+        vote_config: VoteConfig | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.reasoner = reasoner
+        self.mask_decoder = mask_decoder
+        self.vote_config = vote_config or VoteConfig()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path | None = None,
+        backend: str = "torch",
+        device: str = "cpu",
+        vote_config: VoteConfig | None = None,
+    ) -> "Segmenter":
+        """Load a bundle.
+
+        Args:
+            path: a bundle folder; None for the default bundle.
+            backend: "torch", "onnx" or "tensorrt" (the bundle must contain that backend's files).
+            device: "cpu", "cuda" or "cuda:N".
+            vote_config: majority-voting knobs (defaults: the StAR reference values).
+        """
+        if backend not in ("torch", "onnx", "tensorrt"):
+            raise InvalidInputError(f"backend must be 'torch', 'onnx' or 'tensorrt', got {backend!r}")
+        _check_device_name(device)
+        if path is None:
+            from star_edge.defaults import ensure_default_bundle
+
+            path = ensure_default_bundle()
+        bundle = load_bundle(path)
+        if backend not in bundle.backends:
+            raise BackendUnavailableError(
+                f"bundle {bundle.root} has no {backend!r} files (it has: {', '.join(bundle.backends)}); "
+                f"write them with `star-edge export --bundle {bundle.root} --out DIR --{backend}`"
+            )
+        if backend != "torch":
+            raise BackendUnavailableError(f"the {backend!r} runtime is not available in this build")
+        return cls._load_torch(bundle, device, vote_config)
+
+    @classmethod
+    def _load_torch(cls, bundle: Bundle, device: str, vote_config: VoteConfig | None) -> "Segmenter":
+        from star_edge.reasoner.torch_backend import TorchReasoner
+        from star_edge.sam.torch_backend import MaskDecoder
+
+        _check_torch_device(device)
+        reasoner_manifest = bundle.manifest["reasoner"]
+        reasoner = TorchReasoner.from_dir(bundle.reasoner_dir, reasoner_manifest, device=device)
+        mask_decoder = MaskDecoder.from_dir(bundle.sam_dir, device=device)
+        return cls(bundle, reasoner, mask_decoder, vote_config)
+
+    def segment(self, image: ImageInput, query: str, samples: int = 8, seed: int | None = None) -> Result:
+        """Segment what `query` refers to in `image`.
+
+        Args:
+            image: a path, a PIL image or an (H, W, 3) uint8 RGB array.
+            query: the (possibly implicit) request, e.g. "what could I cut the rope with?".
+            samples: 1 = greedy decoding, no voting; 2..64 = sampling (temperature 1.0, top-p 0.9)
+                and mask-level majority voting.
+            seed: makes sampling reproducible; None draws a fresh one.
+
+        Returns:
+            Result with masks (H, W) bool in the original image's pixels.
+        """
+        started = time.perf_counter()
+        pixels = load_image(image)
+        query = validate_query(query)
+        samples = check_samples(samples)
+        seed = check_seed(seed)
+        timings: dict[str, float] = {}
+        with self._lock:
+            generated = self.reasoner.generate(Image.fromarray(pixels), query, n=samples, seed=seed)
+            timings.update(generated.timings)
+            parsed = self._parse_all(generated.texts, pixels)
+            valid = [s for s in parsed if s.ok]
+            boxes, points, sample_ids, labels = _prompts_of(valid)
+            begin = time.perf_counter()
+            embedding = self.mask_decoder.embed(pixels)
+            timings["sam_encode"] = _ms_since(begin)
+            begin = time.perf_counter()
+            if len(boxes):
+                masks, scores = self.mask_decoder.decode(embedding, boxes, points)
+            else:
+                masks = np.zeros((0, *pixels.shape[:2]), dtype=bool)
+                scores = np.zeros((0,), dtype=np.float32)
+            timings["sam_decode"] = _ms_since(begin)
+        begin = time.perf_counter()
+        if samples == 1:
+            objects = _objects_without_voting(masks, scores, boxes, points, labels)
+        else:
+            objects = self._vote(masks, scores, boxes, points, sample_ids, labels, valid)
+        timings["vote"] = _ms_since(begin)
+        mask = np.zeros(pixels.shape[:2], dtype=bool)
+        for obj in objects:
+            mask |= obj.mask
+        timings["total"] = _ms_since(started)
+        return Result(query=query, image=pixels, objects=objects, mask=mask, samples=parsed,
+                      timings=timings)
+
+    def _parse_all(self, texts: list[str], pixels: np.ndarray) -> list[Sample]:
+        spec = self.bundle.reasoner
+        image_size = (pixels.shape[1], pixels.shape[0])
+        samples = []
+        for text in texts:
+            try:
+                answer = parse(text, image_size=image_size, input_size=spec.input_size, frame=spec.frame)
+                samples.append(Sample(text=text, answer=answer))
+            except ParseError as exc:
+                samples.append(Sample(text=text, answer=None, error=str(exc)))
+        return samples
+
+    def _vote(
+        self,
+        masks: np.ndarray,
+        scores: np.ndarray,
+        boxes: np.ndarray,
+        points: np.ndarray,
+        sample_ids: np.ndarray,
+        labels: list[str],
+        valid: list[Sample],
+    ) -> list[ObjectMask]:
+        object_counts = [len(s.answer.objects) for s in valid]  # type: ignore[union-attr]
+        voted = majority_vote(masks, scores, sample_ids, labels, n_valid=len(valid),
+                              object_counts=object_counts, config=self.vote_config)
+        objects = []
+        for obj in voted:
+            members = list(obj.members)
+            best = max(members, key=lambda m: (scores[m], int(masks[m].sum())))
+            objects.append(ObjectMask(mask=obj.mask, box=_int_tuple(boxes[best]),
+                                      point=_int_tuple(points[best]), label=obj.label,
+                                      votes=obj.votes, score=float(obj.score)))
+        return objects
+
+    def close(self) -> None:
+        """Release the models (the Segmenter is unusable afterwards)."""
+        with self._lock:
+            self.reasoner = None  # type: ignore[assignment]
+            self.mask_decoder = None  # type: ignore[assignment]
+
+    def __enter__(self) -> "Segmenter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _prompts_of(valid: list[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Every object of every valid sample, in candidate order: boxes (M, 4) float64, points
+    (M, 2) float64, sample ids (M,) int64 (index among the valid samples), labels."""
+    boxes, points, sample_ids, labels = [], [], [], []
+    for index, sample in enumerate(valid):
+        answer: Answer = sample.answer  # type: ignore[assignment]
+        for obj in answer.objects:
+            boxes.append(obj.box)
+            points.append(obj.point)
+            sample_ids.append(index)
+            labels.append(obj.label)
+    return (
+        np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+        np.asarray(points, dtype=np.float64).reshape(-1, 2),
+        np.asarray(sample_ids, dtype=np.int64),
+        labels,
+    )
+
+
+def _objects_without_voting(
+    masks: np.ndarray, scores: np.ndarray, boxes: np.ndarray, points: np.ndarray, labels: list[str]
+) -> list[ObjectMask]:
+    return [
+        ObjectMask(mask=masks[i], box=_int_tuple(boxes[i]), point=_int_tuple(points[i]),
+                   label=labels[i], votes=1, score=float(scores[i]))
+        for i in range(len(labels))
+    ]
+
+
+def _int_tuple(values: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+def _ms_since(begin: float) -> float:
+    return (time.perf_counter() - begin) * 1000.0
+
+
+def check_samples(samples: object) -> int:
+    """Return `samples` as an int in [1, MAX_SAMPLES], or raise InvalidInputError."""
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)):
+        raise InvalidInputError(f"samples must be an integer, got {type(samples).__name__}")
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise InvalidInputError(f"samples must be in [1, {MAX_SAMPLES}], got {samples}")
+    return int(samples)
+
+
+def check_seed(seed: object) -> int | None:
+    """Return `seed` (None or an int in [0, 2**63 - 1]), or raise InvalidInputError."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InvalidInputError(f"seed must be an integer or None, got {type(seed).__name__}")
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidInputError(f"seed must be in [0, 2**63 - 1], got {seed}")
+    return int(seed)
+
+
+def _check_device_name(device: object) -> None:
+    if not isinstance(device, str):
+        raise InvalidInputError(f"device must be a string, got {type(device).__name__}")
+    name, _, index = device.partition(":")
+    if name not in ("cpu", "cuda") or (index and not index.isdigit()) or (name == "cpu" and index):
+        raise InvalidInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _check_torch_device(device: str) -> None:
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            f"device {device!r} asked for, but this torch build has no CUDA device "
+            "(install a CUDA build of torch, or use device='cpu')"
+        )
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise InvalidInputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
