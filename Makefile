@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= torch,dev
+EXTRAS ?= torch,onnx,train,dev
 TORCH_PIN := torch==2.13.0
 
 .PHONY: install test demo bench clean
@@ -13,7 +13,7 @@ TORCH_PIN := torch==2.13.0
 install: $(STAMP)
 
 # pip's output goes to .venv/install.log and is shown only when the install fails.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing star-edge into $(VENV) (log: $(VENV)/install.log)"
 	@{ $(BIN)/python -m pip install --upgrade pip setuptools wheel \
