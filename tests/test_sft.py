@@ -1,0 +1,137 @@
+"""SFT: answers in the model's frame, labels on answer tokens only, learning, exact resume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from star_edge.answer import parse
+from star_edge.export.tiny_reasoner import write_tiny_reasoner
+from star_edge.reasoner.torch_backend import TorchReasoner
+from star_edge.train.answer_text import format_answer
+from star_edge.train.sft import (IGNORE_INDEX, SFTBatcher, SFTConfig, SFTTrainer, greedy_box_iou,
+                                  learning_rate)
+
+
+@dataclass
+class Scene:
+    image: np.ndarray
+    query: str
+    boxes: np.ndarray
+    points: np.ndarray
+    labels: list[str]
+    trace: str
+
+
+def scene(index: int) -> Scene:
+    """One square of a random colour on grey; deterministic per index."""
+    rng = np.random.default_rng(index)
+    image = np.full((96, 128, 3), 128, dtype=np.uint8)
+    x1, y1 = int(rng.integers(0, 80)), int(rng.integers(0, 50))
+    x2, y2 = x1 + int(rng.integers(20, 48)), y1 + int(rng.integers(20, 46))
+    red = bool(rng.integers(0, 2))
+    image[y1:y2, x1:x2] = (220, 30, 30) if red else (30, 30, 220)
+    label = "red square" if red else "blue square"
+    return Scene(image, f"the {label}", np.array([[x1, y1, x2, y2]]),
+                 np.array([[(x1 + x2) // 2, (y1 + y2) // 2]]), [label], f"I see a {label}.")
+
+
+@pytest.fixture(scope="module")
+def reasoner_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sft") / "reasoner"
+    section = write_tiny_reasoner(directory, seed=0, family="qwen3_vl")
+    return directory, section
+
+
+def _reasoner(reasoner_dir) -> TorchReasoner:
+    directory, section = reasoner_dir
+    return TorchReasoner.from_dir(directory, section, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("frame, input_size", [("grid1000", (256, 256)), ("pixels", (840, 840))])
+def test_formatted_answers_parse_back_to_the_targets(frame, input_size):
+    boxes = np.array([[10, 20, 300, 200], [0, 0, 639, 479]])
+    points = np.array([[100, 120], [320, 240]])
+    text = format_answer(boxes, points, ["cup", "table"], (640, 480), frame, input_size, trace="Two.")
+    assert text.startswith("<think>Two.</think><answer>[{") and text.endswith("}]</answer>")
+    answer = parse(text, image_size=(640, 480), input_size=input_size, frame=frame)
+    step = 640 / (1000 if frame == "grid1000" else input_size[0])
+    np.testing.assert_allclose([o.box for o in answer.objects], boxes, atol=step)
+    np.testing.assert_allclose([o.point for o in answer.objects], points, atol=step)
+    assert [o.label for o in answer.objects] == ["cup", "table"]
+    no_target = format_answer(np.zeros((0, 4)), np.zeros((0, 2)), [], (640, 480), frame, input_size)
+    assert parse(no_target, image_size=(640, 480), input_size=input_size, frame=frame).objects == []
+
+
+def test_labels_cover_exactly_the_answer_and_the_end_token(reasoner_dir):
+    reasoner = _reasoner(reasoner_dir)
+    batcher = SFTBatcher(reasoner)
+    encoded = [batcher.encode(scene(i)) for i in range(3)]
+    batch = batcher.collate(encoded)
+    tokenizer = reasoner.processor.tokenizer
+    for row in range(3):
+        kept = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX]
+        text = tokenizer.decode(kept)
+        assert text.startswith("<think>I see a") and text.endswith("</answer><|im_end|>")
+        assert batch["attention_mask"][row].sum() == len(encoded[row]["input_ids"])
+    image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int((batch["input_ids"] == image_token).sum()) == 3 * 64
+    assert batch["pixel_values"].shape[0] == 3 * 256
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    config = SFTConfig(lr=1e-3, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    assert learning_rate(0, config) == pytest.approx(1e-4)
+    assert learning_rate(9, config) == pytest.approx(1e-3)
+    assert learning_rate(60, config) == pytest.approx(0.55e-3)
+    assert learning_rate(110, config) == pytest.approx(1e-4)
+    assert learning_rate(500, config) == pytest.approx(1e-4)
+
+
+def test_training_lowers_the_loss(reasoner_dir, tmp_path):
+    reasoner = _reasoner(reasoner_dir)
+    config = SFTConfig(batch_size=4, lr=3e-3, warmup_steps=2, total_steps=30, log_every=5,
+                       checkpoint_every=1000, eval_every=0)
+    trainer = SFTTrainer(reasoner, reasoner_dir[0], lambda i: scene(i % 4), [], config, tmp_path)
+    rows: list[dict] = []
+    trainer.train(on_log=rows.append)
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    assert (tmp_path / "log.csv").read_text().startswith("step,samples,lr,loss")
+    reloaded = TorchReasoner.from_dir(tmp_path / "checkpoint" / "reasoner", reasoner_dir[1])
+    for name, tensor in reasoner.model.state_dict().items():
+        torch.testing.assert_close(reloaded.model.state_dict()[name], tensor)
+
+
+def test_resume_continues_exactly(reasoner_dir, tmp_path):
+    config = SFTConfig(batch_size=2, lr=1e-3, warmup_steps=1, total_steps=6, log_every=1,
+                       checkpoint_every=1000, eval_every=0)
+    straight = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path / "a")
+    straight.train()
+    first = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path / "b")
+    first.train(max_steps=3)
+    second = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path / "b")
+    assert second.resume() and second.state.step == 3
+    second.train()
+    assert second.state.step == straight.state.step == 6
+    assert second.state.samples_seen == 12
+    for name, tensor in straight.model.state_dict().items():
+        torch.testing.assert_close(second.model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_greedy_box_iou_scores_a_known_answer(tmp_path):
+    target = scene(0)
+    answer = format_answer(target.boxes, target.points, target.labels, (128, 96), "grid1000",
+                           (256, 256), trace="Found it.")
+    section = write_tiny_reasoner(tmp_path / "r", seed=0, family="qwen3_vl", scripted_answers=[answer])
+    reasoner = TorchReasoner.from_dir(tmp_path / "r", section)
+    exact = greedy_box_iou(reasoner, [target])
+    assert exact["parsed"] == 1.0 and exact["box_iou"] > 0.9 and exact["acc50"] == 1.0
+    other = scene(5)
+    x1, y1, x2, y2 = (float(v) for v in target.boxes[0])
+    a1, b1, a2, b2 = (float(v) for v in other.boxes[0])
+    inter = max(0.0, min(x2, a2) - max(x1, a1)) * max(0.0, min(y2, b2) - max(y1, b1))
+    union = (x2 - x1) * (y2 - y1) + (a2 - a1) * (b2 - b1) - inter
+    assert greedy_box_iou(reasoner, [other])["box_iou"] == pytest.approx(inter / union, abs=0.05)

@@ -1,0 +1,373 @@
+"""Supervised fine-tuning (SFT) of a reasoner on answer texts: the warm start of the demo model.
+
+A plain loop in the nanoGPT manner: a config dataclass, explicit tensors, explicit steps.
+
+- Data: a `SampleSource` maps a stream index to a sample (image, query, targets, trace); the
+  synthetic generator is deterministic per index, so the stream position is just a number and a
+  resumed run sees exactly the samples it would have seen.
+- Loss: next-token cross-entropy on the answer tokens only (the prompt and the image are context).
+- Optimiser: AdamW, linear warm-up, then cosine decay to `min_lr_ratio * lr`.
+- Checkpoints: `out_dir/checkpoint/` holds `reasoner/` (a complete Hugging Face folder that
+  `TorchReasoner.from_dir` loads), the optimiser state, the RNG state and the trainer state, so
+  `resume()` continues exactly; `out_dir/log.csv` logs loss, learning rate, throughput and
+  evaluations.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from star_edge.answer import parse
+from star_edge.reasoner.prompts import build_messages
+from star_edge.reasoner.torch_backend import TorchReasoner
+from star_edge.train.answer_text import format_answer
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ANSWER_PREFIX = "<|im_start|>assistant\n"
+ANSWER_END = "<|im_end|>"
+
+
+class GroundingSample(Protocol):
+    """What SFT needs of a training sample (the synthetic generator's samples qualify)."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    query: str
+    boxes: np.ndarray  # (n, 4) original pixels
+    points: np.ndarray  # (n, 2) original pixels
+    labels: Sequence[str]
+    trace: str
+
+
+SampleSource = Callable[[int], GroundingSample]
+
+
+@dataclass
+class SFTConfig:
+    """Every knob of an SFT run (defaults: the measured recipe of DESIGN section 12)."""
+
+    batch_size: int = 32
+    """Samples per optimiser step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 200
+    """Linear warm-up from 0 to `lr`."""
+    total_steps: int = 10_000
+    """Length of the cosine schedule (a run may stop earlier with `max_steps`)."""
+    min_lr_ratio: float = 0.05
+    """The cosine decays to `min_lr_ratio * lr`."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    log_every: int = 20
+    """Steps between CSV log rows."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (one is always written at the end)."""
+    eval_every: int = 1000
+    """Steps between greedy evaluations (0 disables)."""
+    eval_count: int = 64
+    """Held-out samples per evaluation."""
+    seed: int = 0
+    """Seeds dropout and the initial RNG state (the data stream is indexed, not random)."""
+    num_workers: int = 0
+    """DataLoader worker processes building samples (0: in the main process)."""
+    with_labels: bool = True
+    """False trains without the "label" field (the label-prediction ablation)."""
+    amp_dtype: str | None = None
+    """"bfloat16" for mixed precision on CUDA; None keeps float32."""
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint needs besides weights and optimiser: where the run is."""
+
+    step: int = 0
+    samples_seen: int = 0
+    elapsed_s: float = 0.0
+
+
+def answer_for(sample: GroundingSample, reasoner: TorchReasoner, with_labels: bool = True) -> str:
+    """The training answer text of `sample` in the reasoner's coordinate frame."""
+    height, width = sample.image.shape[:2]
+    return format_answer(sample.boxes, sample.points, list(sample.labels), (width, height),
+                         reasoner.frame, reasoner.input_size, sample.trace, with_labels)
+
+
+class SFTBatcher:
+    """Turns samples into padded training tensors with labels on the answer tokens only."""
+
+    def __init__(self, reasoner: TorchReasoner, with_labels: bool = True) -> None:
+        self.processor = reasoner.processor
+        self.reasoner_frame = reasoner.frame
+        self.input_size = reasoner.input_size
+        self.template = reasoner.prompt_template
+        self.reasoner = reasoner
+        self.with_labels = with_labels
+        tokenizer = self.processor.tokenizer
+        self.answer_prefix_ids = tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+        self.pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    def encode(self, sample: GroundingSample) -> dict[str, torch.Tensor]:
+        """One sample: input_ids (L,), labels (L,), pixel_values (P, D), image_grid_thw (1, 3)."""
+        messages = build_messages(sample.query, frame=self.reasoner_frame, template=self.template)
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = prompt + answer_for(sample, self.reasoner, self.with_labels) + ANSWER_END
+        image = Image.fromarray(sample.image).convert("RGB").resize(self.input_size, Image.Resampling.BICUBIC)
+        batch = self.processor(text=[text], images=[image], return_tensors="pt")
+        input_ids = batch["input_ids"][0]
+        start = _answer_start(input_ids.tolist(), self.answer_prefix_ids)
+        labels = input_ids.clone()
+        labels[:start] = IGNORE_INDEX
+        encoded = {"input_ids": input_ids, "labels": labels, "pixel_values": batch["pixel_values"],
+                   "image_grid_thw": batch["image_grid_thw"]}
+        if "mm_token_type_ids" in batch:
+            encoded["mm_token_type_ids"] = batch["mm_token_type_ids"][0]
+        return encoded
+
+    def collate(self, encoded: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Right-pad a list of `encode` outputs into one batch."""
+        length = max(len(e["input_ids"]) for e in encoded)
+        rows = len(encoded)
+        input_ids = torch.full((rows, length), self.pad_id, dtype=torch.long)
+        labels = torch.full((rows, length), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((rows, length), dtype=torch.long)
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+        token_types = None
+        if "mm_token_type_ids" in encoded[0]:
+            token_types = torch.zeros((rows, length), dtype=torch.long)
+            batch["mm_token_type_ids"] = token_types
+        for row, item in enumerate(encoded):
+            size = len(item["input_ids"])
+            input_ids[row, :size] = item["input_ids"]
+            labels[row, :size] = item["labels"]
+            attention[row, :size] = 1
+            if token_types is not None:
+                token_types[row, :size] = item["mm_token_type_ids"]
+        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in encoded])
+        batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in encoded])
+        return batch
+
+
+def _answer_start(ids: list[int], prefix: list[int]) -> int:
+    """Index of the first answer token: just after the last occurrence of `prefix` in `ids`."""
+    for start in range(len(ids) - len(prefix), -1, -1):
+        if ids[start:start + len(prefix)] == prefix:
+            return start + len(prefix)
+    raise ValueError("the assistant prefix was not found in the encoded sample")
+
+
+class _IndexedSamples(torch.utils.data.Dataset):
+    """Stream positions [first, first + count) of a SampleSource, encoded for training."""
+
+    def __init__(self, source: SampleSource, batcher: SFTBatcher, first: int, count: int) -> None:
+        self.source, self.batcher, self.first, self.count = source, batcher, first, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, offset: int) -> dict[str, torch.Tensor]:
+        return self.batcher.encode(self.source(self.first + offset))
+
+
+def learning_rate(step: int, config: SFTConfig) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr_ratio * lr` at `total_steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps))
+    floor = config.min_lr_ratio * config.lr
+    return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def greedy_box_iou(reasoner: TorchReasoner, samples: Sequence[GroundingSample]) -> dict[str, float]:
+    """Greedy answers on held-out samples: mean best-match box IoU of the first target, the share
+    with IoU >= 0.5, and the share of answers that parse."""
+    ious, parsed = [], 0
+    for sample in samples:
+        height, width = sample.image.shape[:2]
+        text = reasoner.generate(Image.fromarray(sample.image), sample.query, n=1).texts[0]
+        try:
+            answer = parse(text, image_size=(width, height), input_size=reasoner.input_size,
+                           frame=reasoner.frame)
+        except Exception:  # noqa: BLE001 - a failed parse scores 0, like a failed sample
+            ious.append(0.0)
+            continue
+        parsed += 1
+        if len(sample.boxes) == 0:
+            ious.append(1.0 if not answer.objects else 0.0)
+            continue
+        target = np.asarray(sample.boxes[0], dtype=np.float64)
+        ious.append(max((_box_iou(np.asarray(o.box, np.float64), target) for o in answer.objects),
+                        default=0.0))
+    values = np.asarray(ious)
+    return {"box_iou": float(values.mean()), "acc50": float((values >= 0.5).mean()),
+            "parsed": parsed / max(1, len(samples))}
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+class SFTTrainer:
+    """Trains `reasoner.model` (loaded from `reasoner_dir`) in place; checkpoints into `out_dir`."""
+
+    def __init__(self, reasoner: TorchReasoner, reasoner_dir: str | Path, source: SampleSource,
+                 eval_samples: Sequence[GroundingSample], config: SFTConfig, out_dir: str | Path) -> None:
+        self.reasoner = reasoner
+        self.reasoner_dir = Path(reasoner_dir)
+        self.model = reasoner.model
+        self.source = source
+        self.eval_samples = list(eval_samples)
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.batcher = SFTBatcher(reasoner, config.with_labels)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay, betas=(0.9, 0.95))
+        self.state = TrainerState()
+        self.device = self.model.device
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoint"
+
+    def resume(self) -> bool:
+        """Load the checkpoint in `out_dir` if there is one (weights, optimiser, RNG, position)."""
+        state_file = self.checkpoint_dir / "trainer_state.json"
+        if not state_file.is_file():
+            return False
+        saved = type(self.model).from_pretrained(self.checkpoint_dir / "reasoner", dtype=torch.float32)
+        self.model.load_state_dict(saved.state_dict())
+        self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
+        torch.set_rng_state(torch.load(self.checkpoint_dir / "rng.pt", weights_only=True))
+        self.state = TrainerState(**json.loads(state_file.read_text())["state"])
+        return True
+
+    def train(self, max_steps: int | None = None, max_seconds: float | None = None,
+              on_log: Callable[[dict], None] | None = None) -> TrainerState:
+        """Run until `total_steps`, `max_steps` more steps, or `max_seconds`, then checkpoint."""
+        config = self.config
+        stop_step = config.total_steps if max_steps is None else min(config.total_steps,
+                                                                     self.state.step + max_steps)
+        started = time.perf_counter()
+        elapsed_before = self.state.elapsed_s
+        self.model.train()
+        window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+        for batch in self._batches(stop_step):
+            step = self.state.step
+            lr = learning_rate(step, config)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, tokens = self._step(batch)
+            self.state.step += 1
+            self.state.samples_seen += config.batch_size
+            self.state.elapsed_s = elapsed_before + time.perf_counter() - started
+            window_loss += loss * tokens
+            window_tokens += tokens
+            if self.state.step % config.log_every == 0 or self.state.step == stop_step:
+                seconds = time.perf_counter() - window_start
+                row = {"step": self.state.step, "samples": self.state.samples_seen, "lr": lr,
+                       "loss": window_loss / max(1, window_tokens),
+                       "samples_per_s": config.log_every * config.batch_size / max(seconds, 1e-9),
+                       "elapsed_s": round(self.state.elapsed_s, 1)}
+                self._log(row, on_log)
+                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+            if config.eval_every and self.state.step % config.eval_every == 0 and self.eval_samples:
+                self._log({"step": self.state.step, "samples": self.state.samples_seen,
+                           **self.evaluate()}, on_log)
+            if self.state.step % config.checkpoint_every == 0:
+                self.save()
+            if max_seconds is not None and time.perf_counter() - started >= max_seconds:
+                break
+        self.save()
+        return self.state
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy box IoU on the held-out samples (the model is put back in training mode)."""
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                return greedy_box_iou(self.reasoner, self.eval_samples[: self.config.eval_count])
+        finally:
+            self.model.train()
+
+    def save(self) -> Path:
+        """Write the checkpoint into `out_dir/checkpoint`, replacing the previous one only once the
+        new one is complete."""
+        staging = self.out_dir / "checkpoint.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        reasoner_dir = staging / "reasoner"
+        for file in self.reasoner_dir.iterdir():
+            if file.is_file() and not file.name.startswith("model"):
+                reasoner_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(file, reasoner_dir / file.name)
+        self.model.save_pretrained(reasoner_dir)
+        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(torch.get_rng_state(), staging / "rng.pt")
+        (staging / "trainer_state.json").write_text(json.dumps(
+            {"state": asdict(self.state), "config": asdict(self.config)}, indent=2))
+        previous = self.out_dir / "checkpoint.old"
+        shutil.rmtree(previous, ignore_errors=True)
+        if self.checkpoint_dir.exists():
+            self.checkpoint_dir.rename(previous)
+        staging.rename(self.checkpoint_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+        return self.checkpoint_dir
+
+    def _batches(self, stop_step: int) -> Iterator[dict[str, torch.Tensor]]:
+        first = self.state.step * self.config.batch_size
+        count = (stop_step - self.state.step) * self.config.batch_size
+        dataset = _IndexedSamples(self.source, self.batcher, first, count)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.config.batch_size, shuffle=False, drop_last=True,
+            num_workers=self.config.num_workers, collate_fn=self.batcher.collate,
+            persistent_workers=False, prefetch_factor=4 if self.config.num_workers else None)
+        yield from loader
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        autocast = (torch.autocast(self.device.type, dtype=getattr(torch, self.config.amp_dtype))
+                    if self.config.amp_dtype else nullcontext())
+        with autocast:
+            logits = self.model(**batch).logits
+        shift_logits = logits[:, :-1].float()
+        shift_labels = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                                 shift_labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return float(loss.detach()), int((shift_labels != IGNORE_INDEX).sum())
+
+    def _log(self, row: dict, on_log: Callable[[dict], None] | None) -> None:
+        path = self.out_dir / "log.csv"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        fields = ["step", "samples", "lr", "loss", "samples_per_s", "elapsed_s", "box_iou", "acc50", "parsed"]
+        new = not path.exists()
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if on_log is not None:
+            on_log(row)
