@@ -126,6 +126,125 @@ def info(bundle: BundleOption = None, debug: DebugOption = False) -> None:
         console.print(_runtime_table())
 
 
+@app.command("eval")
+def evaluate(
+    data: Annotated[Optional[Path], typer.Argument(
+        help="A ReasonSeg folder (JSON beside each image) or a Hugging Face save_to_disk folder.")] = None,
+    synthetic: Annotated[bool, typer.Option(
+        "--synthetic", help="Evaluate on the synthetic test split, generated on the fly.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic benchmark.")] = 0,
+    count: Annotated[int, typer.Option("--count", help="Synthetic samples to generate.")] = 500,
+    split: Annotated[Optional[str], typer.Option(
+        "--split", help="Split of a DatasetDict folder, or of the synthetic data (default test).")] = None,
+    samples: Annotated[str, typer.Option(
+        "--samples", "-n", help="N per query: 1 = greedy; several, comma-separated, e.g. 1,8.")] = "1",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first K images only.")] = None,
+    bundle: BundleOption = None,
+    backend: Annotated[str, typer.Option("--backend", help="torch | onnx | tensorrt")] = "torch",
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.")] = None,
+    plots: Annotated[Optional[Path], typer.Option(
+        "--plots", help="Write PNG plots and worst-case overlays into this folder.")] = None,
+    worst: Annotated[int, typer.Option("--worst", help="Worst cases to draw with --plots.")] = 8,
+    debug: DebugOption = False,
+) -> None:
+    """Score a bundle on reasoning-segmentation data: gIoU and cIoU overall, per type and depth."""
+    with _reported_errors(debug):
+        from rich.progress import Progress
+
+        from star_edge.errors import InvalidInputError
+        from star_edge.segmenter import Segmenter, check_samples
+        from star_edge.train.eval import open_dataset, processes, run
+
+        try:
+            numbers = {int(v) for v in samples.split(",") if v.strip()}
+        except ValueError:
+            raise InvalidInputError(f"--samples must be integers separated by commas, got {samples!r}") from None
+        counts = tuple(sorted(check_samples(n) for n in numbers))
+        if not counts or (limit is not None and limit < 1) or worst < 0:
+            raise InvalidInputError("--samples and --limit must be positive, --worst >= 0")
+        procs = processes(cpu=not device.startswith("cuda"))
+        dataset = open_dataset(data, split, synthetic, seed, count)
+        if procs.count > 1 and device == "cuda":
+            device = f"cuda:{procs.local_index}"
+        segmenter = Segmenter.from_pretrained(bundle, backend=backend, device=device)
+        if procs.is_main and not segmenter.bundle.trained:
+            errors.print(f"note: bundle '{segmenter.bundle.name}' is untrained (weights from config); "
+                         "expect scores near 0.", highlight=False)
+        meta = {"data": f"synthetic seed {seed}, {count} samples" if synthetic else str(data),
+                "bundle": segmenter.bundle.name, "backend": backend, "device": device}
+        total = len(dataset) if limit is None else min(limit, len(dataset))
+        with Progress(console=console, disable=not procs.is_main, transient=True) as bar:
+            task = bar.add_task("evaluating", total=len(range(procs.index, total, procs.count)))
+            report = run(segmenter, dataset, meta, counts, limit, json_path, plots, worst, procs,
+                         progress=lambda done: bar.update(task, completed=done))
+        if report is not None:
+            _print_eval_summary(report)
+            for path, what in ((json_path, "report"), (plots, "plots")):
+                if path is not None:
+                    console.print(f"wrote {what}: {path}", highlight=False)
+
+
+def _print_eval_summary(report: dict) -> None:
+    table = Table(title=f"{report['meta']['data']} ({report['meta']['bundle']})")
+    for column in ("group", "N", "count", "gIoU", "cIoU"):
+        table.add_column(column)
+
+    def row(name: str, n: str, group: dict) -> None:
+        cells = [f"{group[k]:.4f}" if group[k] is not None else "-" for k in ("giou", "ciou")]
+        table.add_row(name, n, str(group["count"]), *cells)
+
+    for n, summary in report["summary_by_samples"].items():
+        row("all", n, summary)
+    headline = report["summary"]
+    largest = max(report["summary_by_samples"], key=int, default="-")
+    for name, group in headline["per_type"].items():
+        row(f"type {name}", largest, group)
+    for name, group in headline["per_depth"].items():
+        row(f"depth {name}", largest, group)
+    console.print(table)
+
+
+data_app = typer.Typer(help="Data sets: write the synthetic benchmark.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write train/, val/ and test/ into.")],
+    seed: Annotated[int, typer.Option("--seed", help="Benchmark seed (splits use 3*seed+0/1/2).")] = 0,
+    count: Annotated[int, typer.Option("--count", help="Training samples.")] = 5000,
+    val_count: Annotated[int, typer.Option("--val-count", help="Validation samples (0: none).")] = 500,
+    test_count: Annotated[int, typer.Option("--test-count", help="Test samples (0: none).")] = 500,
+    min_size: Annotated[int, typer.Option("--min-size", help="Smallest image side.")] = 256,
+    max_size: Annotated[int, typer.Option("--max-size", help="Largest image side.")] = 512,
+    stage: Annotated[str, typer.Option("--stage", help="single | dense | reasoning | mixed")] = "reasoning",
+    no_target: Annotated[float, typer.Option("--no-target", help="Share of no-target queries.")] = 0.1,
+    debug: DebugOption = False,
+) -> None:
+    """Write the synthetic reasoning-segmentation benchmark in the ReasonSeg layout."""
+    with _reported_errors(debug):
+        from rich.progress import Progress
+
+        from star_edge.errors import InvalidInputError
+        from star_edge.train.data.synthetic import SyntheticConfig, write_split
+
+        if seed < 0 or min(count, val_count, test_count) < 0:
+            raise InvalidInputError("--seed and the counts must be >= 0")
+        try:
+            config = SyntheticConfig(size_range=(min_size, max_size), stage=stage,
+                                     no_target_probability=no_target)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
+        with Progress(console=console) as bar:
+            for split, total in (("train", count), ("val", val_count), ("test", test_count)):
+                if total:
+                    task = bar.add_task(split, total=total)
+                    folder = write_split(out, seed, split, total, config,
+                                         progress=lambda done, task=task: bar.update(task, completed=done))
+                    console.print(f"wrote {total} {split} samples to {folder}", highlight=False)
+
+
 def _runtime_table() -> Table:
     from importlib import metadata
 
