@@ -32,7 +32,7 @@ from PIL import Image
 
 from star_edge.answer import parse
 from star_edge.reasoner.prompts import build_messages
-from star_edge.reasoner.torch_backend import TorchReasoner
+from star_edge.reasoner.torch_backend import TorchReasoner, quiet_transformers
 from star_edge.train.answer_text import format_answer
 
 logger = logging.getLogger(__name__)
@@ -318,7 +318,8 @@ class SFTTrainer:
             if file.is_file() and not file.name.startswith("model"):
                 reasoner_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(file, reasoner_dir / file.name)
-        self.model.save_pretrained(reasoner_dir)
+        with quiet_transformers():
+            self.model.save_pretrained(reasoner_dir)
         torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(torch.get_rng_state(), staging / "rng.pt")
         (staging / "trainer_state.json").write_text(json.dumps(
@@ -338,7 +339,8 @@ class SFTTrainer:
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.config.batch_size, shuffle=False, drop_last=True,
             num_workers=self.config.num_workers, collate_fn=self.batcher.collate,
-            persistent_workers=False, prefetch_factor=4 if self.config.num_workers else None)
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.config.num_workers else None)
         yield from loader
 
     def _step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:

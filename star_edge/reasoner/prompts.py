@@ -62,8 +62,21 @@ _STAR_V1 = PromptTemplate(
     ),
 )
 
+_STAR_COMPACT_V1 = PromptTemplate(
+    template_id="star_compact_v1",
+    question=(
+        'Request: "{query}"\nReason in <think></think>, then answer in <answer></answer> a JSON list '
+        "of the matching objects with bbox_2d, point_2d and label. {frame_note}"
+    ),
+    frame_notes=MappingProxyType({"pixels": "Pixel coordinates.", "grid1000": "Coordinates 0-1000."}),
+)
+"""The same request in a quarter of the tokens, for small models trained on it (the demo model):
+on an edge device the prompt is prefilled on every call."""
+
 #: Registry of prompt templates by id.
-PROMPT_TEMPLATES: Mapping[str, PromptTemplate] = MappingProxyType({_STAR_V1.template_id: _STAR_V1})
+PROMPT_TEMPLATES: Mapping[str, PromptTemplate] = MappingProxyType(
+    {template.template_id: template for template in (_STAR_V1, _STAR_COMPACT_V1)}
+)
 
 
 def build_messages(query: str, frame: str = "pixels", template: str = "star_v1") -> list[dict]:

@@ -1,0 +1,135 @@
+"""The demo model's recipe (DESIGN section 12): a tiny Qwen3-VL taught the synthetic world.
+
+- `DEMO_DIMS`: about 7 M parameters, 256 px input, 64 image tokens, 0-1000 coordinate grid, our
+  tokenizer with one token per coordinate integer.
+- `DEMO_CURRICULUM`: the SFT stream in phases (one named target, then the mixed stream of single
+  targets, dense grounding and the reasoning types); `CurriculumSource` serves it by stream index,
+  so a resumed run continues with exactly the samples it would have seen.
+- `run_sft`: initialise (or resume) a run folder and train for a time or step budget;
+  `python -m star_edge.train.demo --run-dir DIR [...]` runs it from a shell (a GPU machine, say).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from star_edge.export.tiny_reasoner import TinyDims, write_tiny_reasoner
+from star_edge.reasoner.torch_backend import TorchReasoner
+from star_edge.train.data.synthetic import SyntheticConfig, SyntheticSample, sample, split_seed
+from star_edge.train.sft import SFTConfig, SFTTrainer, TrainerState
+
+DEMO_FAMILY = "qwen3_vl"
+DEMO_DIMS = TinyDims(
+    hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=768,
+    vision_hidden_size=128, vision_depth=4, vision_heads=4, vision_intermediate_size=512,
+    image_tokens_per_side=8,
+)
+DEMO_MAX_NEW_TOKENS = 256
+DEMO_PROMPT_TEMPLATE = "star_compact_v1"
+DEMO_DATA_SEED = 0
+
+
+@dataclass(frozen=True)
+class Phase:
+    """`samples` consecutive stream positions drawn with `config`."""
+
+    samples: int
+    config: SyntheticConfig
+
+
+DEMO_CURRICULUM: tuple[Phase, ...] = (
+    Phase(120_000, SyntheticConfig(stage="single", objects=(1, 3))),
+    Phase(10**12, SyntheticConfig(stage="mixed")),
+)
+
+
+class CurriculumSource:
+    """Stream index -> training sample: phase by phase, each sample a pure function of its index."""
+
+    def __init__(self, phases: Sequence[Phase] = DEMO_CURRICULUM, seed: int = DEMO_DATA_SEED) -> None:
+        self.phases = tuple(phases)
+        self.seed = split_seed(seed, "train")
+
+    def config_at(self, index: int) -> SyntheticConfig:
+        """The generator settings of stream position `index`."""
+        for phase in self.phases:
+            if index < phase.samples:
+                return phase.config
+            index -= phase.samples
+        return self.phases[-1].config
+
+    def __call__(self, index: int) -> SyntheticSample:
+        return sample(self.seed, index, self.config_at(index))
+
+
+def held_out(count: int, config: SyntheticConfig, seed: int = DEMO_DATA_SEED) -> list[SyntheticSample]:
+    """`count` validation samples (the val split's seed, disjoint from training)."""
+    return [sample(split_seed(seed, "val"), index, config) for index in range(count)]
+
+
+def init_reasoner(directory: str | Path, seed: int = 0) -> dict:
+    """Write the untrained demo reasoner; returns the manifest's reasoner section."""
+    section = write_tiny_reasoner(directory, seed=seed, family=DEMO_FAMILY, dims=DEMO_DIMS,
+                                  max_new_tokens=DEMO_MAX_NEW_TOKENS)
+    return {**section, "prompt_template": DEMO_PROMPT_TEMPLATE}
+
+
+def run_sft(
+    run_dir: str | Path,
+    config: SFTConfig,
+    device: str = "cpu",
+    max_steps: int | None = None,
+    max_seconds: float | None = None,
+    source: Callable[[int], SyntheticSample] | None = None,
+    eval_samples: Sequence[SyntheticSample] = (),
+    on_log: Callable[[dict], None] | None = None,
+) -> TrainerState:
+    """Train the demo reasoner's SFT phase in `run_dir`, resuming from its checkpoint if any.
+
+    `run_dir/init/` holds the initial checkpoint and `run_dir/reasoner_manifest.json` its manifest
+    section (both written on first use), `run_dir/checkpoint/` the latest state, `run_dir/log.csv`
+    the log.
+    """
+    run_dir = Path(run_dir)
+    init_dir = run_dir / "init"
+    manifest_file = run_dir / "reasoner_manifest.json"
+    if not manifest_file.is_file():
+        manifest_file.parent.mkdir(parents=True, exist_ok=True)
+        manifest_file.write_text(json.dumps(init_reasoner(init_dir, seed=config.seed), indent=2))
+    manifest = json.loads(manifest_file.read_text())
+    reasoner = TorchReasoner.from_dir(init_dir, manifest, device=device, dtype=torch.float32)
+    trainer = SFTTrainer(reasoner, init_dir, source or CurriculumSource(), eval_samples, config, run_dir)
+    trainer.resume()
+    return trainer.train(max_steps=max_steps, max_seconds=max_seconds, on_log=on_log)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry: one SFT session of the demo reasoner (resumes `--run-dir`)."""
+    parser = argparse.ArgumentParser(description="Train the demo reasoner's SFT phase (resumable).")
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--max-seconds", type=float, default=None)
+    defaults = SFTConfig()
+    for name in ("batch_size", "lr", "warmup_steps", "total_steps", "num_workers", "log_every",
+                 "checkpoint_every", "amp_dtype"):
+        default = getattr(defaults, name)
+        parser.add_argument("--" + name.replace("_", "-"), default=default,
+                            type=type(default) if default is not None else str)
+    args = parser.parse_args(argv)
+    config = SFTConfig(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                       total_steps=args.total_steps, num_workers=args.num_workers,
+                       log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                       amp_dtype=args.amp_dtype, eval_every=0)
+    run_sft(args.run_dir, config, device=args.device, max_steps=args.max_steps,
+            max_seconds=args.max_seconds, on_log=lambda row: print(json.dumps(row), flush=True))
+
+
+if __name__ == "__main__":
+    main()
