@@ -269,7 +269,7 @@ class SFTTrainer:
         started = time.perf_counter()
         elapsed_before = self.state.elapsed_s
         self.model.train()
-        window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+        window_loss, window_tokens, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
         for batch in self._batches(stop_step):
             step = self.state.step
             lr = learning_rate(step, config)
@@ -281,20 +281,22 @@ class SFTTrainer:
             self.state.elapsed_s = elapsed_before + time.perf_counter() - started
             window_loss += loss * tokens
             window_tokens += tokens
-            if self.state.step % config.log_every == 0 or self.state.step == stop_step:
+            window_samples += config.batch_size
+            out_of_time = max_seconds is not None and time.perf_counter() - started >= max_seconds
+            if self.state.step % config.log_every == 0 or self.state.step == stop_step or out_of_time:
                 seconds = time.perf_counter() - window_start
                 row = {"step": self.state.step, "samples": self.state.samples_seen, "lr": lr,
                        "loss": window_loss / max(1, window_tokens),
-                       "samples_per_s": config.log_every * config.batch_size / max(seconds, 1e-9),
+                       "samples_per_s": window_samples / max(seconds, 1e-9),
                        "elapsed_s": round(self.state.elapsed_s, 1)}
                 self._log(row, on_log)
-                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                window_loss, window_tokens, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
             if config.eval_every and self.state.step % config.eval_every == 0 and self.eval_samples:
                 self._log({"step": self.state.step, "samples": self.state.samples_seen,
                            **self.evaluate()}, on_log)
             if self.state.step % config.checkpoint_every == 0:
                 self.save()
-            if max_seconds is not None and time.perf_counter() - started >= max_seconds:
+            if out_of_time:
                 break
         self.save()
         return self.state
