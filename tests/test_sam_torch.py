@@ -8,17 +8,31 @@ import subprocess
 import sys
 import types
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from sam_reference import (
+    PHOTOS,
+    mask_iou,
+    natural_image,
+    noisy_tiny_sam,
+    photo,
+    random_prompts,
+    with_positional_noise,
+)
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
 from star_edge.export.tiny_sam import TINY_SAM_CONFIG, make_tiny_sam, write_sam_dir
+from star_edge.geometry import original_to_sam, sam_preprocess_shape
 from star_edge.sam import ImageEmbedding, MaskDecoder, load_sam
+from star_edge.sam.inputs import labelled_points
+from star_edge.sam.masks import upsample_masks, upsampling_matrices
+from star_edge.sam.prompt_decoder import PromptDecoder
 from star_edge.sam.official import OFFICIAL_CONFIGS, build_sam_from_config, import_segment_anything
 
 IMAGE_SIZES = [(200, 300), (320, 180)]  # (H, W): landscape and portrait
@@ -67,22 +81,6 @@ def official_predictor() -> Iterator[type]:
                 delattr(sys.modules[parent], child)
 
 
-def _with_positional_noise(sam: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Give the zero-initialised absolute and relative position embeddings random values, so a
-    shifted, mis-padded or mis-cropped image changes the result."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in sam.named_parameters():
-            if "pos_embed" in name or "rel_pos" in name:
-                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return sam
-
-
-def noisy_tiny_sam() -> torch.nn.Module:
-    """The seed-0 tiny SAM with random position embeddings."""
-    return _with_positional_noise(make_tiny_sam(seed=0)[0], seed=1)
-
-
 @pytest.fixture(scope="module")
 def tiny_sam() -> torch.nn.Module:
     return noisy_tiny_sam()
@@ -99,41 +97,6 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("bundle") / "sam"
     write_sam_dir(sam, config, directory)
     return directory
-
-
-def natural_image(height: int, width: int, seed: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: a sky-to-ground gradient, overlapping filled shapes, blur and noise."""
-    rng = np.random.default_rng(seed)
-    rows = np.linspace(0.0, 1.0, height)[:, None, None]
-    top, bottom = rng.uniform(40, 220, 3), rng.uniform(40, 220, 3)
-    background = np.broadcast_to(top * (1 - rows) + bottom * rows, (height, width, 3))
-    image = Image.fromarray(background.astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(6):
-        x1, x2 = sorted(rng.uniform(0, width, 2))
-        y1, y2 = sorted(rng.uniform(0, height, 2))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-        shape((x1, y1, x2 + 8, y2 + 8), fill=colour)
-    blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float64)
-    return np.clip(blurred + rng.normal(0, 6, blurred.shape), 0, 255).astype(np.uint8)
-
-
-def random_prompts(height: int, width: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """boxes (K, 4) float64 (x1, y1, x2, y2) and points (K, 2) float64 (x, y) inside their box,
-    in pixels of an (H, W) image; the last box touches the bottom-right corner."""
-    rng = np.random.default_rng(seed)
-    xs = np.sort(rng.uniform(0, width - 1, (count, 2)), axis=1)
-    ys = np.sort(rng.uniform(0, height - 1, (count, 2)), axis=1)
-    boxes = np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], axis=1)
-    boxes[-1, 2:] = (width - 1, height - 1)
-    points = boxes[:, :2] + rng.uniform(0.2, 0.8, (count, 2)) * (boxes[:, 2:] - boxes[:, :2])
-    return boxes, points
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def official_best_masks(
@@ -319,6 +282,15 @@ def test_decode_matches_official_predictor_per_prompt(
     assert_matches_official(tiny_decoder, official_predictor(tiny_sam), image, boxes, points)
 
 
+@pytest.mark.parametrize("name", PHOTOS)
+def test_decode_matches_official_predictor_on_photos(
+    tiny_sam: torch.nn.Module, tiny_decoder: MaskDecoder, official_predictor: type, name: str
+) -> None:
+    image = photo(name)
+    boxes, points = random_prompts(*image.shape[:2], count=12, seed=len(name))
+    assert_matches_official(tiny_decoder, official_predictor(tiny_sam), image, boxes, points)
+
+
 def test_embed_matches_official_set_image(
     tiny_sam: torch.nn.Module, tiny_decoder: MaskDecoder, official_predictor: type
 ) -> None:
@@ -347,33 +319,78 @@ def test_box_only_point_only_and_single_output_match_official(
         assert_matches_official(tiny_decoder, predictor, image, boxes, points, multimask=False)
 
 
-@pytest.mark.slow
-def test_decode_matches_official_predictor_on_full_size_vit_b(official_predictor: type) -> None:
+@pytest.fixture(scope="module")
+def random_vit_b() -> torch.nn.Module:
+    """Full-size SAM ViT-B with random weights (and random position embeddings)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        sam = _with_positional_noise(build_sam_from_config(OFFICIAL_CONFIGS["vit_b"]), seed=1)
-    height, width = 240, 320
-    boxes, points = random_prompts(height, width, count=6, seed=5)
-    image = natural_image(height, width, seed=5)
-    decoder, predictor = MaskDecoder.from_module(sam), official_predictor(sam)
-    assert_matches_official(decoder, predictor, image, boxes, points)
+        return with_positional_noise(build_sam_from_config(OFFICIAL_CONFIGS["vit_b"]), seed=1)
 
 
-def test_decode_runs_one_decoder_call_for_all_prompts(
-    tiny_decoder: MaskDecoder, tiny_sam: torch.nn.Module
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PHOTOS)
+def test_decode_matches_official_predictor_on_full_size_vit_b(
+    random_vit_b: torch.nn.Module, official_predictor: type, name: str
+) -> None:
+    image = photo(name)
+    boxes, points = random_prompts(*image.shape[:2], count=8, seed=5)
+    decoder = MaskDecoder.from_module(random_vit_b)
+    assert_matches_official(decoder, official_predictor(random_vit_b), image, boxes, points)
+
+
+def test_decode_runs_the_transformer_once_per_group_of_prompts(
+    tiny_decoder: MaskDecoder, tiny_sam: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image = natural_image(*IMAGE_SIZES[0], seed=3)
     boxes, points = random_prompts(*IMAGE_SIZES[0], count=9, seed=3)
     embedding = tiny_decoder.embed(image)
-    batches: list[int] = []
-    hook = tiny_sam.mask_decoder.register_forward_hook(
-        lambda _module, _inputs, outputs: batches.append(outputs[0].shape[0])
-    )
-    try:
-        masks, scores = tiny_decoder.decode(embedding, boxes, points)
-    finally:
-        hook.remove()
-    assert batches == [9] and masks.shape == (9, *IMAGE_SIZES[0]) and scores.shape == (9,)
+    groups: list[int] = []
+    original = PromptDecoder.run_transformer
+
+    def counting(
+        self: PromptDecoder, context: object, sparse: torch.Tensor, *rest: object
+    ) -> object:
+        groups.append(sparse.shape[0])
+        return original(self, context, sparse, *rest)
+
+    monkeypatch.setattr(PromptDecoder, "run_transformer", counting)
+    masks, scores = tiny_decoder.decode(embedding, boxes, points)
+    assert tiny_decoder.max_batch >= 9 and groups == [9]
+    assert masks.shape == (9, *IMAGE_SIZES[0]) and scores.shape == (9,)
+    groups.clear()
+    chunked = MaskDecoder.from_module(tiny_sam, max_batch=4)
+    chunked_masks, chunked_scores = chunked.decode(chunked.embed(image), boxes, points)
+    assert groups == [4, 4, 1]
+    assert np.array_equal(chunked_masks, masks)
+    np.testing.assert_allclose(chunked_scores, scores, rtol=0, atol=1e-6)
+
+
+def test_prompt_decoder_outputs_equal_the_official_mask_decoder(tiny_sam: torch.nn.Module) -> None:
+    """All outputs (single-mask output first, then the multimask ones) against segment_anything's
+    PromptEncoder + MaskDecoder on the same prompts, for each prompt kind."""
+    height, width = IMAGE_SIZES[0]
+    boxes, points = random_prompts(height, width, count=6, seed=8)
+    features = torch.randn(1, 64, 16, 16, generator=torch.Generator().manual_seed(8))
+    decoder = PromptDecoder(tiny_sam.prompt_encoder, tiny_sam.mask_decoder)
+    sam_boxes = torch.tensor(original_to_sam(boxes, (width, height), 256), dtype=torch.float32)
+    sam_points = torch.tensor(original_to_sam(points, (width, height), 256), dtype=torch.float32)
+    positive = (sam_points[:, None], torch.ones((6, 1), dtype=torch.int32))
+    for given_boxes, given_points in ((boxes, points), (boxes, None), (None, points)):
+        coords, labels = labelled_points(given_boxes, given_points, (height, width), 256)
+        with torch.inference_mode():
+            logits, iou = decoder(features, torch.from_numpy(coords), torch.from_numpy(labels))
+            sparse, dense = tiny_sam.prompt_encoder(
+                points=positive if given_points is not None else None,
+                boxes=sam_boxes if given_boxes is not None else None,
+                masks=None,
+            )
+            pe = tiny_sam.prompt_encoder.get_dense_pe()
+            single = tiny_sam.mask_decoder(features, pe, sparse, dense, multimask_output=False)
+            multi = tiny_sam.mask_decoder(features, pe, sparse, dense, multimask_output=True)
+        assert logits.shape == (6, 4, 64, 64) and iou.shape == (6, 4)
+        expected_logits = torch.cat([single[0], multi[0]], dim=1)
+        torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(iou, torch.cat([single[1], multi[1]], dim=1), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("given", ["boxes", "points", "both"])
@@ -417,6 +434,79 @@ def test_bfloat16_decoder_stays_close_to_float32(tiny_decoder: MaskDecoder) -> N
     assert scores.dtype == np.float32
     assert min(mask_iou(a, b) for a, b in zip(masks, expected_masks)) > 0.95
     np.testing.assert_allclose(scores, expected_scores, atol=0.02)
+
+
+# ---------------------------------------------------------------- embedding cache
+
+
+def test_embedding_cache_returns_the_same_object_for_the_same_pixels(
+    tiny_sam: torch.nn.Module,
+) -> None:
+    decoder = MaskDecoder.from_module(tiny_sam, cache_size=2)
+    image = natural_image(*IMAGE_SIZES[0], seed=21)
+    first = decoder.embed(image)
+    again = decoder.embed(image.copy())
+    assert again is first and (decoder.cache.hits, decoder.cache.misses) == (1, 1)
+    changed = image.copy()
+    changed[0, 0, 0] ^= 1
+    assert decoder.embed(changed) is not first
+    transposed = np.ascontiguousarray(image.reshape(IMAGE_SIZES[0][1], IMAGE_SIZES[0][0], 3))
+    assert decoder.embed(transposed) is not first  # same bytes, other shape
+    assert len(decoder.cache) == 2 and decoder.cache.misses == 3
+    recomputed = decoder.embed(image)  # evicted: least recently used of three
+    assert recomputed is not first
+    torch.testing.assert_close(recomputed.features, first.features, rtol=0, atol=0)
+
+
+def test_cache_size_zero_disables_the_cache(tiny_sam: torch.nn.Module) -> None:
+    decoder = MaskDecoder.from_module(tiny_sam, cache_size=0)
+    image = natural_image(*IMAGE_SIZES[1], seed=22)
+    assert decoder.embed(image) is not decoder.embed(image)
+    assert len(decoder.cache) == 0
+    with pytest.raises(InvalidInputError, match="cache_size"):
+        MaskDecoder.from_module(tiny_sam, cache_size=-1)
+    with pytest.raises(InvalidInputError, match="max_batch"):
+        MaskDecoder.from_module(tiny_sam, max_batch=0)
+
+
+def test_embedding_cache_is_shared_safely_by_threads(tiny_sam: torch.nn.Module) -> None:
+    decoder = MaskDecoder.from_module(tiny_sam)
+    image = natural_image(*IMAGE_SIZES[0], seed=23)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda _: decoder.embed(image), range(8)))
+    assert all(result is results[0] for result in results) and len(decoder.cache) == 1
+
+
+# ---------------------------------------------------------------- full-resolution masks
+
+
+@pytest.mark.parametrize(
+    ("low_res", "image_size", "original"),
+    [
+        (64, 256, (200, 300)),
+        (64, 256, (320, 180)),
+        (256, 1024, (400, 600)),
+        (256, 1024, (37, 1000)),
+    ],
+)
+def test_upsampling_matrices_equal_postprocess_masks(
+    tiny_sam: torch.nn.Module, low_res: int, image_size: int, original: tuple[int, int]
+) -> None:
+    generator = torch.Generator().manual_seed(low_res + original[0])
+    noise = torch.randn(3, 1, low_res + 4, low_res + 4, generator=generator)
+    logits = 4.0 * torch.nn.functional.avg_pool2d(noise, 5, 1)
+    input_size = sam_preprocess_shape(*original, image_size)
+    tiny_sam.image_encoder.img_size = image_size
+    try:
+        expected = tiny_sam.postprocess_masks(logits, input_size, original)[:, 0]
+    finally:
+        tiny_sam.image_encoder.img_size = 256
+    rows, cols = upsampling_matrices((low_res, low_res), image_size, input_size, original)
+    ours = rows @ logits[:, 0, : rows.shape[1], : cols.shape[1]].numpy() @ cols.T
+    np.testing.assert_allclose(ours, expected.numpy(), rtol=0, atol=1e-4)
+    masks = upsample_masks(logits[:, 0].numpy(), rows, cols, 0.0)
+    assert masks.shape == (3, *original) and masks.dtype == np.bool_
+    assert np.mean(masks == (expected.numpy() > 0)) > 0.9999
 
 
 # ---------------------------------------------------------------- bad inputs

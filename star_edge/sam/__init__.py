@@ -1,7 +1,7 @@
-"""SAM: box and point prompts -> masks (`MaskDecoder.embed` once per image, `decode` many prompts).
+"""SAM: box and point prompts -> masks (`embed` once per image, `decode` many prompts at once).
 
-Importing this package does not import torch; `MaskDecoder`, `ImageEmbedding` and `load_sam` load
-the torch backend on first access.
+Backends with one interface: `MaskDecoder` (torch) and `OnnxMaskDecoder` (onnxruntime, no torch).
+Importing this package imports neither; each name loads its backend on first access.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from star_edge.sam.checkpoints import load_sam
+    from star_edge.sam.onnx_backend import OnnxImageEmbedding, OnnxMaskDecoder
     from star_edge.sam.torch_backend import ImageEmbedding, MaskDecoder
 
-__all__ = ["ImageEmbedding", "MaskDecoder", "load_sam"]
+__all__ = ["ImageEmbedding", "MaskDecoder", "OnnxImageEmbedding", "OnnxMaskDecoder", "load_sam"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,6 +21,10 @@ def __getattr__(name: str) -> Any:
         from star_edge.sam import torch_backend
 
         return getattr(torch_backend, name)
+    if name in ("OnnxImageEmbedding", "OnnxMaskDecoder"):
+        from star_edge.sam import onnx_backend
+
+        return getattr(onnx_backend, name)
     if name == "load_sam":
         from star_edge.sam.checkpoints import load_sam
 

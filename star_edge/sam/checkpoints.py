@@ -134,6 +134,25 @@ def _check_tensor_layout(path: Path, expected: dict[str, torch.Tensor]) -> None:
             raise BundleError(f"{path}: tensor {key} has dtype {dtype}, expected a float dtype")
 
 
+def check_sam_dir(directory: str | Path) -> dict[str, Any]:
+    """Check a sam/ folder without loading its tensors: the config schema, and the safetensors
+    header (keys, shapes, float dtypes) against the architecture the config describes.
+
+    Returns the config.
+
+    Raises:
+        BundleError: as `load_sam`, naming the file.
+    """
+    config = read_sam_config(directory)
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BundleError(f"{weights} is missing (expected the SAM weights)")
+    with torch.device("meta"):
+        sam = build_sam_from_config(config)
+    _check_tensor_layout(weights, sam.state_dict())
+    return config
+
+
 def load_sam(directory: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Load a bundle's sam/ folder as a segment_anything `Sam` in eval mode, float32, on `device`.
 
@@ -146,13 +165,10 @@ def load_sam(directory: str | Path, device: str | torch.device = "cpu") -> torch
         InvalidInputError, BackendUnavailableError: see `resolve_device`.
     """
     target = resolve_device(device)
-    config = read_sam_config(directory)
+    config = check_sam_dir(directory)
     weights = Path(directory) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise BundleError(f"{weights} is missing (expected the SAM weights)")
     with torch.device("meta"):
         sam = build_sam_from_config(config)
-    _check_tensor_layout(weights, sam.state_dict())
     try:
         with safe_open(str(weights), framework="pt", device=str(target)) as handle:
             state = {key: handle.get_tensor(key).float() for key in handle.keys()}

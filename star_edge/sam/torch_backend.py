@@ -1,8 +1,10 @@
-"""SAM on torch: embed an image once, then decode all box/point prompts in one batched call.
+"""SAM on torch: embed an image once, then decode all box/point prompts in one call.
 
 Reproduces segment_anything's SamPredictor (set_image + predict with multimask_output=True and the
-best-scoring mask per prompt) but decodes K prompts together: one prompt encoder and one mask
-decoder call, and full-resolution upsampling only for the chosen mask of each prompt.
+best-scoring mask per prompt) for K prompts at once: the image encoder runs in cache-sized tiles
+(`image_encoder.encode`), the prompt decoder shares the image-side work between prompts
+(`prompt_decoder.PromptDecoder`), and only the chosen mask of each prompt is upsampled to full
+resolution, in one matrix product per axis (`masks`).
 """
 
 from __future__ import annotations
@@ -12,13 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from star_edge.errors import InvalidInputError
-from star_edge.geometry import original_to_sam, sam_preprocess_shape
+from star_edge.sam.cache import EmbeddingCache
 from star_edge.sam.checkpoints import load_sam, resolve_device
+from star_edge.sam.image_encoder import encode
+from star_edge.sam.inputs import check_image, check_prompts, encoder_input, labelled_points
+from star_edge.sam.masks import upsampling_matrices
+from star_edge.sam.prompt_decoder import PromptDecoder
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_UPSAMPLE_VALUES = 1 << 24
+_TILE_TOKENS = 1024
+DEFAULT_CACHE_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -36,74 +44,84 @@ class ImageEmbedding:
     input_size: tuple[int, int]
 
 
-def _check_image(image: object) -> np.ndarray:
-    if not isinstance(image, np.ndarray):
-        raise InvalidInputError(f"image must be a numpy array, got {type(image).__name__}")
-    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-        message = f"image must have shape (H, W, 3) with H, W >= 1, got {image.shape}"
-        raise InvalidInputError(message)
-    if image.dtype != np.uint8:
-        raise InvalidInputError(f"image must be uint8 RGB, got dtype {image.dtype}")
-    return np.ascontiguousarray(image)
-
-
-def _check_prompts(name: str, values: object, width: int) -> np.ndarray | None:
-    """None or a finite real (K, width) array -> float64 (K, width)."""
-    if values is None:
+def _check_max_batch(max_batch: object) -> int | None:
+    if max_batch is None:
         return None
-    if not isinstance(values, np.ndarray):
-        kind = type(values).__name__
-        raise InvalidInputError(f"{name} must be a numpy array of shape (K, {width}), got {kind}")
-    if values.ndim != 2 or values.shape[1] != width:
-        raise InvalidInputError(f"{name} must have shape (K, {width}), got {values.shape}")
-    if values.dtype == np.bool_ or values.dtype.kind not in "iuf":
-        raise InvalidInputError(f"{name} must hold real numbers, got dtype {values.dtype}")
-    if not np.isfinite(values).all():
-        raise InvalidInputError(f"{name} must be finite, got NaN or infinity")
-    return values.astype(np.float64)
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise InvalidInputError(f"max_batch must be None or an int >= 1, got {max_batch!r}")
+    return max_batch
 
 
 class MaskDecoder:
     """SAM image encoder + prompt decoder on torch.
 
-    `embed` once per image, `decode` any number of times; the object keeps no per-image state,
-    so one instance may serve several threads. Everything runs under torch.inference_mode.
+    `embed` once per image, `decode` any number of times. Embeddings are cached by image content
+    (a bounded LRU, `cache_size` entries of C * h * w * itemsize bytes each: 4 MiB for the
+    official models in float32, 64 KiB for the tiny demo SAM). One instance may serve several
+    threads; everything runs under torch.inference_mode.
     """
 
-    def __init__(self, sam: torch.nn.Module, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        sam: torch.nn.Module,
+        device: str = "cpu",
+        dtype: str = "float32",
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        max_batch: int | None = None,
+    ) -> None:
         """Use `sam` (a segment_anything Sam, moved to `device` in place) for inference.
 
         dtype: compute dtype of the image encoder and mask decoder ("float32", "float16",
             "bfloat16"; the half types are meant for CUDA). The prompt encoder, the mask
             upsampling and the returned scores stay float32.
+        cache_size: embeddings kept (least recently used dropped first); 0 disables the cache.
+        max_batch: prompts decoded together; None picks from the embedding size
+            (`PromptDecoder.default_max_batch`: 1 for 64 x 64 x 256 embeddings on CPU). On CUDA
+            None means all prompts in one group.
 
         Raises:
-            InvalidInputError: unknown dtype or device name.
+            InvalidInputError: unknown dtype or device name, bad cache_size or max_batch.
             BackendUnavailableError: a CUDA device without CUDA.
         """
         if dtype not in _DTYPES:
             raise InvalidInputError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        self._max_batch = _check_max_batch(max_batch)
+        self._cache: EmbeddingCache[ImageEmbedding] = EmbeddingCache(cache_size)
         self._device = resolve_device(device)
         self._dtype = _DTYPES[dtype]
         self._sam = sam.to(self._device).eval()
         self._sam.image_encoder.to(self._dtype)
         self._sam.mask_decoder.to(self._dtype)
+        self._decoder = PromptDecoder(self._sam.prompt_encoder, self._sam.mask_decoder)
 
     @classmethod
     def from_module(
-        cls, sam: torch.nn.Module, device: str = "cpu", dtype: str = "float32"
+        cls,
+        sam: torch.nn.Module,
+        device: str = "cpu",
+        dtype: str = "float32",
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        max_batch: int | None = None,
     ) -> MaskDecoder:
         """Wrap a segment_anything Sam (moved to `device` and cast in place)."""
-        return cls(sam, device=device, dtype=dtype)
+        return cls(sam, device=device, dtype=dtype, cache_size=cache_size, max_batch=max_batch)
 
     @classmethod
-    def from_dir(cls, path: str | Path, device: str = "cpu", dtype: str = "float32") -> MaskDecoder:
+    def from_dir(
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        max_batch: int | None = None,
+    ) -> MaskDecoder:
         """Load a sam/ folder (config.json + model.safetensors; see star_edge.sam.checkpoints).
 
         Raises:
             BundleError: missing, truncated or mismatched files, naming the file.
         """
-        return cls(load_sam(path, device=device), device=device, dtype=dtype)
+        sam = load_sam(path, device=device)
+        return cls(sam, device=device, dtype=dtype, cache_size=cache_size, max_batch=max_batch)
 
     @property
     def image_size(self) -> int:
@@ -115,9 +133,22 @@ class MaskDecoder:
         """Where the model runs."""
         return self._device
 
-    @torch.inference_mode()
+    @property
+    def cache(self) -> EmbeddingCache[ImageEmbedding]:
+        """The embedding cache (hits, misses, len, clear)."""
+        return self._cache
+
+    @property
+    def max_batch(self) -> int:
+        """Prompts decoded together in one group."""
+        if self._max_batch is not None:
+            return self._max_batch
+        if self._device.type == "cuda":
+            return 1 << 30
+        return self._decoder.default_max_batch()
+
     def embed(self, image: np.ndarray) -> ImageEmbedding:
-        """Encode one image.
+        """Encode one image (or return the cached embedding of the same pixels).
 
         image: (H, W, 3) uint8 RGB. Resized with its longest side to `image_size` (PIL bilinear,
         as the official predictor), normalised with the model's pixel mean/std, padded
@@ -126,13 +157,17 @@ class MaskDecoder:
         Raises:
             InvalidInputError: not an (H, W, 3) uint8 array.
         """
-        image = _check_image(image)
+        image = check_image(image)
+        return self._cache.get_or_compute(image, lambda: self._embed(image))
+
+    @torch.inference_mode()
+    def _embed(self, image: np.ndarray) -> ImageEmbedding:
+        mean = self._sam.pixel_mean.flatten().tolist()
+        std = self._sam.pixel_std.flatten().tolist()
+        pixels, input_size = encoder_input(image, self.image_size, mean, std)
+        tensor = torch.from_numpy(pixels).to(self._device, self._dtype)
+        features = encode(self._sam.image_encoder, tensor)
         original_size = (int(image.shape[0]), int(image.shape[1]))
-        input_size = sam_preprocess_shape(*original_size, self.image_size)
-        resized = Image.fromarray(image).resize(input_size[::-1], Image.Resampling.BILINEAR)
-        pixels = torch.from_numpy(np.array(resized)).to(self._device).permute(2, 0, 1)[None]
-        padded = self._sam.preprocess(pixels.float()).to(self._dtype)
-        features = self._sam.image_encoder(padded)
         return ImageEmbedding(features=features, original_size=original_size, input_size=input_size)
 
     @torch.inference_mode()
@@ -143,7 +178,7 @@ class MaskDecoder:
         points: np.ndarray | None = None,
         multimask: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Masks for K prompts on an embedded image, in one batched decoder call.
+        """Masks for K prompts on an embedded image, decoded together.
 
         Prompt k is boxes[k] and/or one positive point points[k], in original-image pixels.
         boxes: (K, 4) real (x1, y1, x2, y2) or None; points: (K, 2) real (x, y) or None; not both
@@ -159,22 +194,40 @@ class MaskDecoder:
             InvalidInputError: bad embedding, shapes, dtypes or non-finite coordinates.
         """
         self._check_embedding(embedding)
-        if not isinstance(multimask, bool):
-            raise InvalidInputError(f"multimask must be a bool, got {type(multimask).__name__}")
-        boxes = _check_prompts("boxes", boxes, 4)
-        points = _check_prompts("points", points, 2)
-        if boxes is None and points is None:
-            raise InvalidInputError("decode needs boxes, points or both; got neither")
-        if boxes is not None and points is not None and len(boxes) != len(points):
-            sizes = f"{len(boxes)} and {len(points)}"
-            raise InvalidInputError(f"boxes and points must have the same K, got {sizes}")
-        count = len(boxes) if boxes is not None else len(points)
+        boxes, points, count = check_prompts(boxes, points, multimask)
         height, width = embedding.original_size
         if count == 0:
             return np.zeros((0, height, width), dtype=bool), np.zeros((0,), dtype=np.float32)
-        logits, scores = self._decode_low_res(embedding, boxes, points, multimask)
-        masks = self._sam.postprocess_masks(logits, embedding.input_size, embedding.original_size)
-        return (masks[:, 0] > self._sam.mask_threshold).cpu().numpy(), scores.cpu().numpy()
+        coords, labels = labelled_points(boxes, points, embedding.original_size, self.image_size)
+        low_res = self._decoder.low_res_size
+        rows, cols = upsampling_matrices(
+            low_res, self.image_size, embedding.input_size, embedding.original_size
+        )
+        logits, scores = self._decoder.decode_best(
+            embedding.features,
+            torch.from_numpy(coords).to(self._device),
+            torch.from_numpy(labels).to(self._device),
+            multimask,
+            self.max_batch,
+            extent=(rows.shape[1], cols.shape[1]),
+            tile_tokens=None if self._device.type == "cuda" else _TILE_TOKENS,
+        )
+        return self._upsample(logits, rows, cols), scores.cpu().numpy()
+
+    def _upsample(self, logits: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(K, r', c') float32 logits and the matrices of `masks.upsampling_matrices` -> (K, H, W)
+        bool masks, in groups of prompts whose full-resolution logits stay under
+        `_UPSAMPLE_VALUES` values."""
+        rows_t = torch.tensor(rows, device=self._device)
+        cols_t = torch.tensor(cols, device=self._device).t()
+        cropped = logits[:, : rows.shape[1], : cols.shape[1]]
+        threshold = float(self._sam.mask_threshold)
+        masks = torch.empty((len(logits), rows.shape[0], cols.shape[0]), dtype=torch.bool)
+        step = max(1, _UPSAMPLE_VALUES // (rows.shape[0] * cols.shape[0]))
+        for start in range(0, len(logits), step):
+            full = rows_t @ cropped[start : start + step] @ cols_t
+            masks[start : start + step] = (full > threshold).cpu()
+        return masks.numpy()
 
     def _check_embedding(self, embedding: object) -> None:
         if not isinstance(embedding, ImageEmbedding):
@@ -189,39 +242,3 @@ class MaskDecoder:
                 f"embedding features {found[0]} {found[1]} on {found[2]} do not come from this "
                 f"decoder (expected {expected} {self._dtype} on {self._device})"
             )
-
-    def _decode_low_res(
-        self,
-        embedding: ImageEmbedding,
-        boxes: np.ndarray | None,
-        points: np.ndarray | None,
-        multimask: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt encoder + mask decoder for all K prompts at once.
-
-        Returns the chosen low-resolution logits (K, 1, 4h, 4w) float32 and their predicted IoU
-        (K,) float32.
-        """
-        height, width = embedding.original_size
-        point_prompts = None
-        if points is not None:
-            xy = original_to_sam(points, (width, height), self.image_size)
-            coords = torch.as_tensor(xy, dtype=torch.float32, device=self._device)
-            labels = torch.ones((len(points), 1), dtype=torch.int32, device=self._device)
-            point_prompts = (coords[:, None, :], labels)
-        box_prompts = None
-        if boxes is not None:
-            corners = original_to_sam(boxes, (width, height), self.image_size)
-            box_prompts = torch.as_tensor(corners, dtype=torch.float32, device=self._device)
-        prompt_encoder = self._sam.prompt_encoder
-        sparse, dense = prompt_encoder(points=point_prompts, boxes=box_prompts, masks=None)
-        low_res, predicted_iou = self._sam.mask_decoder(
-            image_embeddings=embedding.features,
-            image_pe=prompt_encoder.get_dense_pe().to(self._dtype),
-            sparse_prompt_embeddings=sparse.to(self._dtype),
-            dense_prompt_embeddings=dense.to(self._dtype),
-            multimask_output=multimask,
-        )
-        best = predicted_iou.float().argmax(dim=1)
-        rows = torch.arange(len(best), device=self._device)
-        return low_res[rows, best][:, None].float(), predicted_iou[rows, best].float()

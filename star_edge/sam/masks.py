@@ -1,0 +1,93 @@
+"""From the decoder's low-resolution logits to masks in original pixels, in numpy (no torch).
+
+segment_anything's `Sam.postprocess_masks` upsamples the low-resolution logits (4h x 4w) to the
+padded encoder input (S x S) with bilinear interpolation, crops the unpadded (h', w') part, and
+resizes that to the original (H, W), again bilinear (align_corners=False, no antialiasing); the
+mask is logits > threshold. Each of those steps is linear and separable, so the whole chain is
+`Ry @ L @ Rx.T` with one (H, 4h) and one (W, 4w) matrix: the exact same values (up to float32
+rounding), with no S x S intermediate, computed for the chosen mask of each prompt only.
+Columns of the low-resolution logits that the crop never reaches are dropped from the matrices.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+_CHUNK_VALUES = 1 << 24
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float64 matrix of 1-D bilinear resizing as torch's F.interpolate does
+    it (mode="bilinear", align_corners=False, antialias=False, output size given): output i
+    samples the input at max(0, (i + 0.5) * in/out - 0.5) between its two neighbours."""
+    scale = in_size / out_size
+    source = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    lower = np.minimum(source.astype(np.int64), in_size - 1)
+    upper = np.minimum(lower + 1, in_size - 1)
+    weight_upper = source - lower
+    matrix = np.zeros((out_size, in_size))
+    rows = np.arange(out_size)
+    np.add.at(matrix, (rows, lower), 1.0 - weight_upper)
+    np.add.at(matrix, (rows, upper), weight_upper)
+    return matrix
+
+
+@lru_cache(maxsize=64)
+def _axis_matrix(low_res: int, image_size: int, input_side: int, original_side: int) -> np.ndarray:
+    """(original_side, used) float32: low-res -> padded input -> crop -> original, along one axis;
+    `used` = the low-resolution positions that contribute (trailing unused ones dropped)."""
+    to_input = bilinear_matrix(low_res, image_size)[:input_side]
+    combined = bilinear_matrix(input_side, original_side) @ to_input
+    used = int(np.flatnonzero(np.any(combined != 0.0, axis=0)).max()) + 1
+    combined = combined[:, :used].astype(np.float32)
+    combined.flags.writeable = False
+    return combined
+
+
+def upsampling_matrices(
+    low_res_size: tuple[int, int],
+    image_size: int,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two matrices of `Sam.postprocess_masks` (read-only, cached per geometry).
+
+    low_res_size: (4h, 4w) of the decoder's logits; image_size: S; input_size: (h', w') of the
+    resized image; original_size: (H, W).
+
+    Returns:
+        rows: (H, r) float32 and cols: (W, c) float32 with r <= 4h, c <= 4w, such that
+        rows @ logits[:r, :c] @ cols.T equals postprocess_masks(logits) in exact arithmetic.
+    """
+    rows = _axis_matrix(low_res_size[0], image_size, input_size[0], original_size[0])
+    cols = _axis_matrix(low_res_size[1], image_size, input_size[1], original_size[1])
+    return rows, cols
+
+
+def upsample_masks(
+    logits: np.ndarray, rows: np.ndarray, cols: np.ndarray, threshold: float
+) -> np.ndarray:
+    """Low-resolution logits -> masks (K, H, W) bool in original pixels.
+
+    logits: (K, r', c') float32 with r' >= r, c' >= c; rows (H, r), cols (W, c) from
+    `upsampling_matrices`. Works through the prompts in groups whose float32 full-resolution
+    logits stay under `_CHUNK_VALUES` values (64 MiB).
+    """
+    cropped = np.ascontiguousarray(logits[:, : rows.shape[1], : cols.shape[1]], dtype=np.float32)
+    masks = np.empty((len(logits), rows.shape[0], cols.shape[0]), dtype=bool)
+    step = max(1, _CHUNK_VALUES // (rows.shape[0] * cols.shape[0]))
+    for start in range(0, len(logits), step):
+        chunk = rows @ cropped[start : start + step] @ cols.T
+        np.greater(chunk, threshold, out=masks[start : start + step])
+    return masks
+
+
+def best_outputs(iou_predictions: np.ndarray, multimask: bool) -> np.ndarray:
+    """Which decoder output each prompt keeps: (K, M) predicted IoU (output 0 the single-mask
+    output, 1.. the multimask outputs) -> (K,) int64, the argmax over outputs 1.. when multimask,
+    else 0 (what SamPredictor returns, taking its best-scoring mask)."""
+    if not multimask:
+        return np.zeros(len(iou_predictions), dtype=np.int64)
+    return np.argmax(iou_predictions[:, 1:], axis=1).astype(np.int64) + 1

@@ -1,0 +1,295 @@
+"""SAM on onnxruntime: the same `embed` / `decode` interface as the torch backend, without torch.
+
+Reads a bundle's onnx/ folder as `star_edge.export.sam_onnx` writes it: the graphs and
+`sam_onnx.json`, which describes them (files, input and output names, dtypes, shapes with their
+dynamic axes named) and the SAM settings the pre- and post-processing need. Everything around the
+graphs is numpy: resizing, normalising and padding the image (`inputs`), prompts as labelled
+points (`inputs`), choosing the best output and upsampling it to the original pixels (`masks`).
+
+Description (format_version 1)::
+
+    {"format": "star-edge-sam-onnx", "format_version": 1, "opset": int,
+     "sam": {"kind", "variant", "image_size", "embedding_size": [h, w], "embed_dim",
+             "low_res_size": [4h, 4w], "num_outputs", "mask_threshold", "pixel_mean", "pixel_std"},
+     "encoder": GRAPH, "decoders": {"fp32": GRAPH, "fp16": GRAPH, "int8": GRAPH (those present)}}
+    GRAPH = {"file": str, "inputs": [TENSOR], "outputs": [TENSOR]}   (in the order below)
+    TENSOR = {"name": str, "dtype": str, "shape": [int | axis name]}
+
+Encoder: pixels (1, 3, S, S) float32 -> image_embeddings (1, C, h, w) float32. Decoder:
+image_embeddings, point_coords ("prompts", "points", 2) float32, point_labels ("prompts",
+"points") int64 -> low_res_masks ("prompts", M, 4h, 4w) float32, iou_predictions ("prompts", M)
+float32; output 0 is the single-mask output, 1.. the multimask outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
+from star_edge.sam.cache import EmbeddingCache
+from star_edge.sam.inputs import check_image, check_prompts, encoder_input, labelled_points
+from star_edge.sam.masks import best_outputs, upsample_masks, upsampling_matrices
+
+DESCRIPTION_FILE = "sam_onnx.json"
+FORMAT_NAME = "star-edge-sam-onnx"
+FORMAT_VERSION = 1
+DECODER_VARIANTS = ("fp32", "fp16", "int8")
+DEFAULT_CACHE_SIZE = 8
+
+
+@dataclass(frozen=True)
+class OnnxImageEmbedding:
+    """One image encoded by the ONNX encoder.
+
+    features: (1, C, h, w) float32 numpy array; original_size: (H, W) of the image given to
+    `embed`; input_size: (h', w') of the resized image before padding.
+    """
+
+    features: np.ndarray
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+def read_description(onnx_dir: str | Path) -> dict[str, Any]:
+    """Read and check `onnx_dir/sam_onnx.json`.
+
+    Raises:
+        BundleError: missing or unreadable file, another format or version, missing fields;
+            the message names the file.
+    """
+    path = Path(onnx_dir) / DESCRIPTION_FILE
+    if not path.is_file():
+        raise BundleError(f"{path} is missing (expected the SAM ONNX description)")
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not readable JSON: {exc}") from exc
+    if not isinstance(description, dict) or description.get("format") != FORMAT_NAME:
+        raise BundleError(f"{path} is not a {FORMAT_NAME} description")
+    if description.get("format_version") != FORMAT_VERSION:
+        version = description.get("format_version")
+        message = f"format_version {version!r}, this runtime reads {FORMAT_VERSION}"
+        raise BundleError(f"{path}: {message}")
+    for key in ("sam", "encoder", "decoders"):
+        if not isinstance(description.get(key), dict):
+            raise BundleError(f"{path}: missing section {key!r}")
+    return description
+
+
+def _graph_file(folder: Path, graph: dict[str, Any]) -> Path:
+    """The path of a described graph, which must exist."""
+    path = folder / str(graph.get("file", ""))
+    if not path.is_file():
+        raise BundleError(f"{path} is missing (listed in {folder / DESCRIPTION_FILE})")
+    return path
+
+
+def _providers(device: str) -> list[Any]:
+    """onnxruntime execution providers for "cpu" or "cuda[:N]"."""
+    import onnxruntime
+
+    name, _, index = device.partition(":")
+    if name == "cpu" and not index:
+        return ["CPUExecutionProvider"]
+    if name == "cuda" and (not index or index.isdigit()):
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise BackendUnavailableError(
+                f"device {device!r} needs onnxruntime's CUDA execution provider, which this "
+                "onnxruntime build lacks; install onnxruntime-gpu or use device='cpu'"
+            )
+        return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
+    raise InvalidInputError(f"device must be 'cpu' or 'cuda[:index]', got {device!r}")
+
+
+class OnnxMaskDecoder:
+    """SAM image encoder + prompt decoder on onnxruntime (`embed` once, `decode` many prompts).
+
+    Embeddings are cached by image content (bounded LRU, `cache_size` entries of C * h * w * 4
+    bytes each: 4 MiB for the official models). onnxruntime sessions may be run from several
+    threads at once, so one instance may serve several threads.
+    """
+
+    def __init__(
+        self,
+        onnx_dir: str | Path,
+        device: str = "cpu",
+        decoder_variant: str = "fp32",
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        max_batch: int = 8,
+        threads: int | None = None,
+    ) -> None:
+        """Open the decoder graph of an exported onnx/ folder; the encoder graph opens on the
+        first `embed` (a decoder that only decodes given embeddings never holds it).
+
+        decoder_variant: "fp32", "fp16" (float16 weights and compute, float32 inputs and
+            outputs) or "int8" (dynamically quantised matrix products); see
+            `available_variants`.
+        max_batch: prompts per decoder run (bounds the session's working memory).
+        threads: onnxruntime intra-op threads; None: its default (one per physical core).
+
+        Raises:
+            BundleError: description or graph files missing or unreadable, naming the file.
+            BackendUnavailableError: onnxruntime (or its CUDA provider, for device="cuda") is
+                not installed.
+            InvalidInputError: bad device, variant, cache_size, max_batch or threads.
+        """
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                "onnxruntime is not installed; install it with: pip install 'star-edge[onnx]'"
+            ) from exc
+        given_threads = 1 if threads is None else threads
+        for name, value in (("max_batch", max_batch), ("threads", given_threads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"{name} must be an int >= 1, got {value!r}")
+        self._cache: EmbeddingCache[OnnxImageEmbedding] = EmbeddingCache(cache_size)
+        self._max_batch = max_batch
+        self._folder = Path(onnx_dir)
+        description = read_description(self._folder)
+        decoders = description["decoders"]
+        if decoder_variant not in decoders:
+            exported = f"{sorted(decoders)} (exported in {self._folder})"
+            message = f"decoder_variant must be one of {exported}, got {decoder_variant!r}"
+            raise InvalidInputError(message)
+        self._sam = description["sam"]
+        self._providers = _providers(device)
+        self._options = onnxruntime.SessionOptions()
+        self._options.log_severity_level = 3  # errors only: no notes on skipped constant folding
+        if threads is not None:
+            self._options.intra_op_num_threads = threads
+        self._encoder_graph = description["encoder"]
+        _graph_file(self._folder, self._encoder_graph)
+        self._encoder: tuple | None = None
+        self._encoder_lock = threading.Lock()
+        self._decoder, self._decoder_io = self._open(decoders[decoder_variant])
+        self.decoder_variant = decoder_variant
+
+    def _open(self, graph: dict[str, Any]) -> tuple:
+        """An InferenceSession for one described graph and its (input names, output names)."""
+        import onnxruntime
+
+        path = _graph_file(self._folder, graph)
+        try:
+            session = onnxruntime.InferenceSession(
+                str(path), sess_options=self._options, providers=self._providers
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise BundleError(f"{path} is not a loadable ONNX graph: {exc}") from exc
+        names = ([t["name"] for t in graph["inputs"]], [t["name"] for t in graph["outputs"]])
+        found = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+        if sorted(names[0]) != sorted(found[0]) or sorted(names[1]) != sorted(found[1]):
+            raise BundleError(f"{path} has inputs/outputs {found}, the description says {names}")
+        return session, names
+
+    @classmethod
+    def from_dir(
+        cls,
+        onnx_dir: str | Path,
+        device: str = "cpu",
+        decoder_variant: str = "fp32",
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        max_batch: int = 8,
+        threads: int | None = None,
+    ) -> OnnxMaskDecoder:
+        """Open a bundle's onnx/ folder (see the class and module docstrings)."""
+        return cls(onnx_dir, device, decoder_variant, cache_size, max_batch, threads)
+
+    @staticmethod
+    def available_variants(onnx_dir: str | Path) -> list[str]:
+        """The decoder variants exported in `onnx_dir`, in DECODER_VARIANTS order."""
+        decoders = read_description(onnx_dir)["decoders"]
+        return [variant for variant in DECODER_VARIANTS if variant in decoders]
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square encoder input in pixels."""
+        return int(self._sam["image_size"])
+
+    @property
+    def cache(self) -> EmbeddingCache[OnnxImageEmbedding]:
+        """The embedding cache (hits, misses, len, clear)."""
+        return self._cache
+
+    def embed(self, image: np.ndarray) -> OnnxImageEmbedding:
+        """Encode one image (or return the cached embedding of the same pixels).
+
+        image: (H, W, 3) uint8 RGB; resized, normalised and padded as the torch backend does.
+
+        Raises:
+            InvalidInputError: not an (H, W, 3) uint8 array.
+        """
+        image = check_image(image)
+        return self._cache.get_or_compute(image, lambda: self._embed(image))
+
+    def _embed(self, image: np.ndarray) -> OnnxImageEmbedding:
+        pixels, input_size = encoder_input(
+            image, self.image_size, self._sam["pixel_mean"], self._sam["pixel_std"]
+        )
+        with self._encoder_lock:
+            if self._encoder is None:
+                self._encoder = self._open(self._encoder_graph)
+        session, ((pixels_name,), (features_name,)) = self._encoder
+        (features,) = session.run([features_name], {pixels_name: pixels})
+        original_size = (int(image.shape[0]), int(image.shape[1]))
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        return OnnxImageEmbedding(features, original_size, input_size)
+
+    def decode(
+        self,
+        embedding: OnnxImageEmbedding,
+        boxes: np.ndarray | None = None,
+        points: np.ndarray | None = None,
+        multimask: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Masks for K prompts on an embedded image (see the torch backend's `decode`).
+
+        boxes: (K, 4) real (x1, y1, x2, y2) or None; points: (K, 2) real (x, y) or None, one
+        positive point per prompt, original pixels.
+
+        Returns:
+            masks: (K, H, W) bool; scores: (K,) float32 predicted IoU of each returned mask.
+
+        Raises:
+            InvalidInputError: bad embedding, shapes, dtypes or non-finite coordinates.
+        """
+        self._check_embedding(embedding)
+        boxes, points, count = check_prompts(boxes, points, multimask)
+        height, width = embedding.original_size
+        if count == 0:
+            return np.zeros((0, height, width), dtype=bool), np.zeros((0,), dtype=np.float32)
+        coords, labels = labelled_points(boxes, points, embedding.original_size, self.image_size)
+        low_res = tuple(self._sam["low_res_size"])
+        rows, cols = upsampling_matrices(
+            low_res, self.image_size, embedding.input_size, (height, width)
+        )
+        logits = np.empty((count, rows.shape[1], cols.shape[1]), dtype=np.float32)
+        scores = np.empty((count,), dtype=np.float32)
+        names, (masks_name, iou_name) = self._decoder_io
+        for start in range(0, count, self._max_batch):
+            group = slice(start, start + self._max_batch)
+            feeds = dict(zip(names, (embedding.features, coords[group], labels[group])))
+            outputs, predicted = self._decoder.run([masks_name, iou_name], feeds)
+            best = best_outputs(predicted, multimask)
+            chosen = np.arange(len(best))
+            logits[group] = outputs[chosen, best, : rows.shape[1], : cols.shape[1]]
+            scores[group] = predicted[chosen, best]
+        return upsample_masks(logits, rows, cols, float(self._sam["mask_threshold"])), scores
+
+    def _check_embedding(self, embedding: object) -> None:
+        if not isinstance(embedding, OnnxImageEmbedding):
+            kind = type(embedding).__name__
+            raise InvalidInputError(f"embedding must be an OnnxImageEmbedding, got {kind}")
+        expected = (1, int(self._sam["embed_dim"]), *self._sam["embedding_size"])
+        found = (tuple(embedding.features.shape), embedding.features.dtype)
+        if found != (expected, np.float32):
+            raise InvalidInputError(
+                f"embedding features {found[0]} {found[1]} do not come from this decoder "
+                f"(expected {expected} float32)"
+            )
