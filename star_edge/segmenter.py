@@ -7,20 +7,23 @@ sample in one call -> mask-level majority voting (N > 1) -> Result.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
+from star_edge.adaptive import vote_is_settled
 from star_edge.answer import Answer, ParseError, parse
 from star_edge.bundle import Bundle, load_bundle
 from star_edge.errors import BackendUnavailableError, InvalidInputError
 from star_edge.images import ImageInput, load_image, validate_query
 from star_edge.result import ObjectMask, Result, Sample
-from star_edge.vote import VoteConfig, majority_vote, union_mask
+from star_edge.vote import VoteConfig, majority_vote
 
 MAX_SAMPLES = 64
 MAX_SEED = 2**63 - 1
@@ -30,7 +33,21 @@ class ReasonerBackend(Protocol):
     """What the Segmenter needs of a reasoner backend."""
 
     def generate(self, image: Image.Image, query: str, n: int = 1, seed: int | None = None) -> Any:
-        """Return an object with `texts: list[str]` and `timings: dict[str, float]` (ms)."""
+        """Return an object with `texts: list[str]`, `token_ids: list[list[int]]`, `rows: list[int]`
+        (the sample row of each text) and `timings: dict[str, float]` (ms)."""
+
+    def prefill(self, image: Image.Image, query: str) -> Any:
+        """Encode the image and read the prompt once; return a handle with `timings` (ms)."""
+
+    def sample(
+        self,
+        prepared: Any,
+        rows: Sequence[int],
+        seed: int | None = None,
+        on_finished: Callable[[list[tuple[int, str]]], bool] | None = None,
+    ) -> Any:
+        """Rows of the seeded sample stream of a prefilled prompt, decoded in one batch; after each
+        step that finished answers, `on_finished` sees their (row, text) and may stop the rest."""
 
 
 class MaskDecoderBackend(Protocol):
@@ -107,7 +124,15 @@ class Segmenter:
         mask_decoder = MaskDecoder.from_dir(bundle.sam_dir, device=device)
         return cls(bundle, reasoner, mask_decoder, vote_config)
 
-    def segment(self, image: ImageInput, query: str, samples: int = 8, seed: int | None = None) -> Result:
+    def segment(
+        self,
+        image: ImageInput,
+        query: str,
+        samples: int = 8,
+        seed: int | None = None,
+        adaptive: bool = False,
+        margin: int | None = None,
+    ) -> Result:
         """Segment what `query` refers to in `image`.
 
         Args:
@@ -116,20 +141,36 @@ class Segmenter:
             samples: 1 = greedy decoding, no voting; 2..64 = sampling (temperature 1.0, top-p 0.9)
                 and mask-level majority voting.
             seed: makes sampling reproducible; None draws a fresh one.
+            adaptive: with samples > 1, vote on the answers as they finish decoding (SAM decodes
+                each step's new prompts in one call) and stop the batch as soon as the answers still
+                being decoded cannot change the vote's outcome (see `star_edge.adaptive`). The rows
+                and their order are those of the fixed-N call with the same seed, so a call that
+                does not stop early equals it, and one that stops has the same outcome.
+            margin: with adaptive, also stop once `margin` more samples could not change the
+                outcome (a looser rule when margin < the samples left); None = only the exact rule.
 
         Returns:
-            Result with masks (H, W) bool in the original image's pixels.
+            Result with masks (H, W) bool in the original image's pixels. `samples` holds the samples
+            in the order they finished decoding (fewer tokens first, then by row), which is also the
+            order they are voted in; with adaptive, only those finished before the stop.
         """
         started = time.perf_counter()
         pixels = load_image(image)
         query = validate_query(query)
         samples = check_samples(samples)
         seed = check_seed(seed)
+        if not isinstance(adaptive, bool):
+            raise InvalidInputError(f"adaptive must be a bool, got {type(adaptive).__name__}")
+        margin = _check_margin(margin)
+        if adaptive and samples > 1:
+            return self._segment_adaptive(started, pixels, query, samples, seed, margin)
         timings: dict[str, float] = {}
         with self._lock:
             generated = self.reasoner.generate(Image.fromarray(pixels), query, n=samples, seed=seed)
             timings.update(generated.timings)
-            parsed = self._parse_all(generated.texts, pixels)
+            finish_order = sorted(range(len(generated.texts)),
+                                  key=lambda i: (len(generated.token_ids[i]), generated.rows[i]))
+            parsed = self._parse_all([generated.texts[i] for i in finish_order], pixels)
             valid = [s for s in parsed if s.ok]
             boxes, points, sample_ids, labels = _prompts_of(valid)
             begin = time.perf_counter()
@@ -154,6 +195,30 @@ class Segmenter:
         timings["total"] = _ms_since(started)
         return Result(query=query, image=pixels, objects=objects, mask=mask, samples=parsed,
                       timings=timings)
+
+    def _segment_adaptive(
+        self, started: float, pixels: np.ndarray, query: str, samples: int, seed: int | None, margin: int | None
+    ) -> Result:
+        """`segment` with adaptive=True (see there)."""
+        seed = secrets.randbits(63) if seed is None else seed
+        with self._lock:
+            prepared = self.reasoner.prefill(Image.fromarray(pixels), query)
+            begin = time.perf_counter()
+            embedding = self.mask_decoder.embed(pixels)
+            sam_encode = _ms_since(begin)
+            vote = _StreamingVote(self, pixels, embedding, samples, margin)
+            drawn = self.reasoner.sample(prepared, range(samples), seed, on_finished=vote.add)
+        timings = {**prepared.timings, **drawn.timings, "sam_encode": sam_encode, **vote.timings}
+        timings["generate"] = timings["vision"] + timings["prefill"] + timings["decode"]
+        begin = time.perf_counter()
+        boxes, points, sample_ids, labels = _prompts_of(vote.valid)
+        objects = self._vote(vote.masks, vote.scores, boxes, points, sample_ids, labels, vote.valid)
+        mask = np.zeros(pixels.shape[:2], dtype=bool)
+        for obj in objects:
+            mask |= obj.mask
+        timings["vote"] += _ms_since(begin)
+        timings["total"] = _ms_since(started)
+        return Result(query=query, image=pixels, objects=objects, mask=mask, samples=vote.parsed, timings=timings)
 
     def _parse_all(self, texts: list[str], pixels: np.ndarray) -> list[Sample]:
         spec = self.bundle.reasoner
@@ -202,6 +267,56 @@ class Segmenter:
         self.close()
 
 
+class _StreamingVote:
+    """The vote of an adaptive `segment` call, fed answers as they finish decoding.
+
+    Attributes:
+        parsed: the samples so far, in the order they finished.
+        valid: the ones that parsed.
+        masks: (M, H, W) bool, SAM's masks of every object of `valid`, in candidate order.
+        scores: (M,) float32, their scores.
+        timings: "sam_decode" and "vote" (the settled checks) in ms, summed over the calls.
+    """
+
+    def __init__(self, segmenter: Segmenter, pixels: np.ndarray, embedding: Any, samples: int,
+                 margin: int | None) -> None:
+        self._segmenter = segmenter
+        self._pixels = pixels
+        self._embedding = embedding
+        self._samples = samples
+        self._margin = margin
+        self.parsed: list[Sample] = []
+        self.valid: list[Sample] = []
+        self.masks = np.zeros((0, *pixels.shape[:2]), dtype=bool)
+        self.scores = np.zeros((0,), dtype=np.float32)
+        self.timings = {"sam_decode": 0.0, "vote": 0.0}
+
+    def add(self, finished: list[tuple[int, str]]) -> bool:
+        """Take the (row, text) answers that finished at one decoding step (in row order); return
+        True once the answers still decoding cannot change the vote's outcome."""
+        new = self._segmenter._parse_all([text for _, text in finished], self._pixels)
+        self.parsed += new
+        self.valid += [sample for sample in new if sample.ok]
+        boxes, points, sample_ids, labels = _prompts_of(self.valid)
+        begin = time.perf_counter()
+        if len(boxes) > len(self.masks):
+            masks, scores = self._segmenter.mask_decoder.decode(
+                self._embedding, boxes[len(self.masks):], points[len(self.masks):])
+            self.masks = np.concatenate([self.masks, masks])
+            self.scores = np.concatenate([self.scores, scores])
+        self.timings["sam_decode"] += _ms_since(begin)
+        left = self._samples - len(self.parsed)
+        if left == 0:
+            return False
+        begin = time.perf_counter()
+        counts = [len(sample.answer.objects) for sample in self.valid]  # type: ignore[union-attr]
+        settled = vote_is_settled(self.masks, self.scores, sample_ids, labels, counts,
+                                  slack=left if self._margin is None else min(self._margin, left),
+                                  config=self._segmenter.vote_config)
+        self.timings["vote"] += _ms_since(begin)
+        return settled
+
+
 def _prompts_of(valid: list[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Every object of every valid sample, in candidate order: boxes (M, 4) float64, points
     (M, 2) float64, sample ids (M,) int64 (index among the valid samples), labels."""
@@ -246,6 +361,15 @@ def check_samples(samples: object) -> int:
     if not 1 <= samples <= MAX_SAMPLES:
         raise InvalidInputError(f"samples must be in [1, {MAX_SAMPLES}], got {samples}")
     return int(samples)
+
+
+def _check_margin(margin: object) -> int | None:
+    """Return `margin` (None or a non-negative int), or raise InvalidInputError."""
+    if margin is None:
+        return None
+    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
+        raise InvalidInputError(f"margin must be a non-negative integer or None, got {margin!r}")
+    return int(margin)
 
 
 def check_seed(seed: object) -> int | None:

@@ -15,7 +15,7 @@ __all__ = ["FRAMES", "PROMPT_TEMPLATES", "PromptTemplate", "ReasonerOutput", "bu
 
 @dataclass
 class ReasonerOutput:
-    """The n answers of one `generate` call.
+    """The answers of one `generate` (or `sample`) call.
 
     Attributes:
         texts: one decoded answer per sample, special tokens removed (`<think>`/`<answer>` tags are
@@ -25,9 +25,12 @@ class ReasonerOutput:
         timings: stage name -> milliseconds (see the backend for the stages it reports).
         token_counts: "prompt" (tokens of the prompt, image tokens included), "image" (image
             tokens), "generated" (generated tokens summed over the samples).
+        rows: the sample row of each answer (0..n-1 for `generate`); rows a caller stopped early
+            are absent.
     """
 
     texts: list[str]
     token_ids: list[list[int]]
     timings: dict[str, float] = field(default_factory=dict)
     token_counts: dict[str, int] = field(default_factory=dict)
+    rows: list[int] = field(default_factory=list)

@@ -73,9 +73,35 @@ _STAR_COMPACT_V1 = PromptTemplate(
 """The same request in a quarter of the tokens, for small models trained on it (the demo model):
 on an edge device the prompt is prefilled on every call."""
 
+_STAR_V1_NOLABEL = PromptTemplate(
+    template_id="star_v1_nolabel",
+    question=(
+        'Request: "{query}"\n'
+        "Look at the image and decide which objects the request refers to; compare the candidates "
+        "and keep only those that really match. First write your reasoning between <think> and "
+        "</think>. Then write the final answer between <answer> and </answer>: a JSON list with one "
+        'entry per matching object, each {{"bbox_2d": [x1, y1, x2, y2], "point_2d": [x, y]}}, '
+        "where bbox_2d is the box around the object and point_2d a point inside it. {frame_note} "
+        "If nothing in the image matches, answer []."
+    ),
+    frame_notes=_STAR_V1.frame_notes,
+)
+_STAR_COMPACT_V1_NOLABEL = PromptTemplate(
+    template_id="star_compact_v1_nolabel",
+    question=(
+        'Request: "{query}"\nReason in <think></think>, then answer in <answer></answer> a JSON list '
+        "of the matching objects with bbox_2d and point_2d. {frame_note}"
+    ),
+    frame_notes=_STAR_COMPACT_V1.frame_notes,
+)
+"""The two templates above without labels: the label-prediction ablation (DESIGN section 8)."""
+
 #: Registry of prompt templates by id.
 PROMPT_TEMPLATES: Mapping[str, PromptTemplate] = MappingProxyType(
-    {template.template_id: template for template in (_STAR_V1, _STAR_COMPACT_V1)}
+    {
+        template.template_id: template
+        for template in (_STAR_V1, _STAR_COMPACT_V1, _STAR_V1_NOLABEL, _STAR_COMPACT_V1_NOLABEL)
+    }
 )
 
 

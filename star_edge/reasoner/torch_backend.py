@@ -1,16 +1,15 @@
-"""The PyTorch reasoner: a Hugging Face Qwen2.5-VL / Qwen3-VL checkpoint run with `model.generate`.
+"""The PyTorch reasoner: a Hugging Face Qwen2.5-VL / Qwen3-VL checkpoint on the shared-prefill decoder.
 
 `TorchReasoner.from_dir(bundle / "reasoner", manifest["reasoner"])` loads the model and a processor
-offline; `generate(image, query, n)` returns n decoded answers with stage timings.
+offline; `generate(image, query, n)` returns n decoded answers with stage timings. Underneath,
+`prefill(image, query)` encodes the image and reads the prompt once, and `sample(prefilled, rows,
+seed)` decodes any rows of the seeded sample stream from it, in one batch (`reasoner/sampling`,
+DESIGN.md section 11); rows drawn in several rounds equal the same rows drawn at once.
 
-Decoding follows the StAR defaults: n == 1 is greedy; n > 1 samples with temperature 1.0, top-p 0.9
-and no top-k. The checkpoint's own `generation_config.json` contributes only its end and padding
-token ids, so sampling knobs shipped with a base model (repetition penalty, top-k, ...) never leak in.
-
-This is the naive sampler: `generate(num_return_sequences=n)` prefills n copies of the prompt
-(transformers 5.24 encodes the image once and copies its embeddings). The shared-prefill decoder
-(`reasoner/sampling`, DESIGN.md section 11) replaces it; this backend stays the reference it is
-measured against.
+Decoding follows the StAR defaults: n == 1 is greedy (token for token what `model.generate(...,
+do_sample=False)` gives); n > 1 samples with temperature 1.0, top-p 0.9 and no top-k. The checkpoint's
+own `generation_config.json` contributes only its end and padding token ids, so sampling knobs
+shipped with a base model (repetition penalty, top-k, ...) never leak in.
 
 No torchvision: in transformers 5 every video processor needs torchvision, and the Qwen-VL processors
 refuse to be built without one (even `AutoProcessor` fails). We build the processor from its parts
@@ -25,7 +24,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
@@ -45,14 +45,10 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
-from star_edge.reasoner import ReasonerOutput
+from star_edge.reasoner import ReasonerOutput, sampling
 from star_edge.reasoner.prompts import FRAMES, PROMPT_TEMPLATES, build_messages
 
 logger = logging.getLogger(__name__)
-
-#: Sampling settings of StAR (n > 1); n == 1 decodes greedily.
-SAMPLING_TEMPERATURE = 1.0
-SAMPLING_TOP_P = 0.9
 
 
 def _image_only(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
@@ -173,72 +169,6 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> tor
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise InvalidInputError(f"dtype must be a floating torch dtype or its name, got {dtype!r}")
     return resolved
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Seed torch's global generator for the block, then restore the caller's state.
-
-    `model.generate` draws from the global generator (it takes no generator argument). `fork_rng`
-    saves the CPU state (and, for a CUDA device, that of every GPU) and restores it on exit, so the
-    caller's random stream continues as if the call had not happened. Another thread drawing from
-    the global generator *during* the block would still interleave with it; calls through one
-    `TorchReasoner` are serialised by its lock. `seed=None` leaves the generator untouched.
-    """
-    if seed is None:
-        yield
-        return
-    cuda_devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(seed)
-        yield
-
-
-class _StageClock:
-    """Times the stages of one `model.generate` call with forward hooks.
-
-    vision: forward time of the vision tower; prefill: the first forward of the language model (the
-    whole prompt); decode: from the end of the prefill to the end of generation (all later steps,
-    sampling included). Milliseconds; CUDA work is synchronised at every mark.
-    """
-
-    def __init__(self, model: PreTrainedModel, device: torch.device) -> None:
-        self._device = device
-        self._marks: dict[str, float] = {}
-        self.vision_ms = 0.0
-        self._handles = [
-            model.model.visual.register_forward_pre_hook(lambda *_: self._mark("vision_start")),
-            model.model.visual.register_forward_hook(lambda *_: self._end_vision()),
-            model.model.language_model.register_forward_pre_hook(lambda *_: self._mark_once("prefill_start")),
-            model.model.language_model.register_forward_hook(lambda *_: self._mark_once("prefill_end")),
-        ]
-
-    def _now(self) -> float:
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
-        return time.perf_counter()
-
-    def _mark(self, name: str) -> None:
-        self._marks[name] = self._now()
-
-    def _mark_once(self, name: str) -> None:
-        if name not in self._marks:
-            self._mark(name)
-
-    def _end_vision(self) -> None:
-        self.vision_ms += (self._now() - self._marks["vision_start"]) * 1e3
-
-    def finish(self) -> dict[str, float]:
-        """Remove the hooks; return {"vision", "prefill", "decode"} in ms."""
-        end = self._now()
-        for handle in self._handles:
-            handle.remove()
-        prefill_end = self._marks.get("prefill_end", end)
-        return {
-            "vision": self.vision_ms,
-            "prefill": (prefill_end - self._marks.get("prefill_start", prefill_end)) * 1e3,
-            "decode": (end - prefill_end) * 1e3,
-        }
 
 
 class TorchReasoner:
@@ -368,70 +298,149 @@ class TorchReasoner:
         batch = self.processor(text=[text], images=[rgb], return_tensors="pt")
         return {name: tensor.to(self.device) for name, tensor in batch.items()}
 
-    def _generation_config(self, n: int) -> GenerationConfig:
-        base = self.model.generation_config
-        common = {
-            "max_new_tokens": self.max_new_tokens,
-            "num_return_sequences": n,
-            "eos_token_id": base.eos_token_id,
-            "pad_token_id": base.pad_token_id,
+
+    def prefill(self, image: PIL.Image.Image, query: str) -> PreparedPrompt:
+        """Encode `image` and read the prompt for `query` once; sample rows from it with `sample`.
+
+        Raises:
+            InvalidInputError: see `hf_inputs`.
+        """
+        with self._lock:
+            start = time.perf_counter()
+            inputs = self.hf_inputs(image, query)
+            preprocessed = time.perf_counter()
+            state = sampling.prefill(self.model, inputs)
+        timings = {
+            "preprocess": (preprocessed - start) * 1e3,
+            "vision": state.vision_ms,
+            "prefill": state.prefill_ms,
         }
-        if n == 1:
-            return GenerationConfig(do_sample=False, **common)
-        return GenerationConfig(
-            do_sample=True, temperature=SAMPLING_TEMPERATURE, top_p=SAMPLING_TOP_P, top_k=0, **common
-        )
+        return PreparedPrompt(state=state, timings=timings)
+
+    def sample(
+        self,
+        prepared: PreparedPrompt,
+        rows: Sequence[int],
+        seed: int | None = None,
+        on_finished: Callable[[list[tuple[int, str]]], bool] | None = None,
+    ) -> ReasonerOutput:
+        """Sampled answers (temperature 1.0, top-p 0.9) for `rows` of the seeded sample stream, in one batch.
+
+        Row i's answer depends only on (image, query, seed, i), so `sample(p, range(4, 8), s)` gives
+        rows 4..7 of `sample(p, range(8), s)`.
+
+        Args:
+            prepared: from `prefill` on this reasoner (reusable: it is not modified).
+            rows: distinct non-negative row indices.
+            seed: the stream's seed; None draws a fresh one.
+            on_finished: called after every decoding step at which answers finished, with their
+                (row, text) in row order; returning True stops the rows still decoding.
+
+        Returns:
+            ReasonerOutput with the finished answers in the order of `rows` (`rows` says which),
+            timings {"decode"} (ms) and token counts (all decoded tokens, stopped rows included).
+
+        Raises:
+            InvalidInputError: bad rows or seed.
+        """
+        rows = _checked_rows(rows)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise InvalidInputError(f"seed must be a non-negative integer or None, got {seed!r}")
+        return self._decode(prepared, rows, seed, greedy=False, on_finished=on_finished)
 
     def generate(self, image: PIL.Image.Image, query: str, n: int = 1, seed: int | None = None) -> ReasonerOutput:
-        """n answers for `query` about `image`.
+        """n answers for `query` about `image` from one vision encode and one prefill.
 
         Args:
             image: any size; resized to `input_size`.
             query: what to find.
-            n: 1 -> one greedy answer; > 1 -> n samples (temperature 1.0, top-p 0.9, no top-k).
-            seed: makes sampling reproducible; the caller's torch random state is left as it was
-                (see `_seeded`). None draws from the global generator.
+            n: 1 -> one greedy answer; > 1 -> rows 0..n-1 of the seeded sample stream (temperature
+                1.0, top-p 0.9, no top-k), decoded in one batch.
+            seed: makes sampling reproducible (see `sampling` for the per-row scheme); torch's global
+                random state is never used. None draws a fresh seed.
 
         Returns:
             ReasonerOutput with n texts, their token ids, timings in ms ("preprocess", "vision",
-            "prefill", "decode", "generate"; the prefill covers n copies of the prompt) and token
-            counts ("prompt", "image", "generated").
+            "prefill", "decode", and "generate" = vision + prefill + decode) and token counts
+            ("prompt", "image", "generated").
 
         Raises:
             InvalidInputError: n not a positive integer; see `hf_inputs` for image and query.
         """
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise InvalidInputError(f"n must be a positive integer, got {n!r}")
-        with self._lock:
-            start = time.perf_counter()
-            inputs = self.hf_inputs(image, query)
-            prompt_length = inputs["input_ids"].shape[1]
-            generation_start = time.perf_counter()
-            clock = _StageClock(self.model, self.device)
-            try:
-                with _seeded(seed if n > 1 else None, self.device), torch.inference_mode():
-                    sequences = self.model.generate(**inputs, generation_config=self._generation_config(n))
-            finally:
-                stages = clock.finish()
-            end = time.perf_counter()
-        token_ids = self._trim(sequences[:, prompt_length:])
-        texts = self.processor.tokenizer.batch_decode(
-            token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
-        timings = {
-            "preprocess": (generation_start - start) * 1e3,
-            **stages,
-            "generate": (end - generation_start) * 1e3,
-        }
-        image_tokens = int((inputs["input_ids"] == self.model.config.image_token_id).sum())
-        counts = {"prompt": prompt_length, "image": image_tokens, "generated": sum(map(len, token_ids))}
-        return ReasonerOutput(texts=texts, token_ids=token_ids, timings=timings, token_counts=counts)
+        prepared = self.prefill(image, query)
+        if n == 1:
+            output = self._decode(prepared, [0], None, greedy=True)
+        else:
+            output = self.sample(prepared, range(n), seed)
+        timings = {**prepared.timings, **output.timings}
+        timings["generate"] = timings["vision"] + timings["prefill"] + timings["decode"]
+        output.timings = timings
+        return output
 
-    def _trim(self, generated: torch.Tensor) -> list[list[int]]:
-        """Per row of generated (n, T) int64: the ids up to and including the first end token."""
-        eos_ids = set(self.model.generation_config.eos_token_id)
-        rows = []
-        for row in generated.tolist():
-            end = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
-            rows.append(row[:end])
-        return rows
+    def _decode(
+        self,
+        prepared: PreparedPrompt,
+        rows: list[int],
+        seed: int | None,
+        greedy: bool,
+        on_finished: Callable[[list[tuple[int, str]]], bool] | None = None,
+    ) -> ReasonerOutput:
+        state = prepared.state
+        hook = None
+        if on_finished is not None:
+            def hook(done: list[tuple[int, list[int]]]) -> bool:
+                return on_finished([(rows[index], self._text(ids)) for index, ids in done])
+
+        with self._lock:
+            decoded = sampling.decode(
+                self.model,
+                state,
+                rows,
+                seed,
+                eos_token_ids=self.model.generation_config.eos_token_id,
+                max_new_tokens=self.max_new_tokens,
+                greedy=greedy,
+                on_finished=hook,
+            )
+        kept = [index for index, done in enumerate(decoded.finished) if done]
+        token_ids = [decoded.token_ids[index] for index in kept]
+        counts = {
+            "prompt": state.prompt_length,
+            "image": state.image_tokens,
+            "generated": sum(map(len, decoded.token_ids)),
+        }
+        return ReasonerOutput(texts=[self._text(ids) for ids in token_ids], token_ids=token_ids,
+                              timings={"decode": decoded.decode_ms}, token_counts=counts,
+                              rows=[rows[index] for index in kept])
+
+    def _text(self, token_ids: list[int]) -> str:
+        """An answer's text: special tokens (the end token) removed, spaces as generated."""
+        return self.processor.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+@dataclass
+class PreparedPrompt:
+    """One image and query, encoded and prefilled once (`TorchReasoner.prefill`).
+
+    Attributes:
+        state: the shared KV cache and first-token logits (see `sampling.Prefill`).
+        timings: "preprocess", "vision", "prefill" in ms.
+    """
+
+    state: sampling.Prefill
+    timings: dict[str, float]
+
+
+def _checked_rows(rows: Sequence[int]) -> list[int]:
+    """`rows` as a list of distinct non-negative ints, or InvalidInputError."""
+    try:
+        checked = list(rows)
+    except TypeError:
+        raise InvalidInputError(f"rows must be a sequence of row indices, got {rows!r}") from None
+    if not all(isinstance(row, int) and not isinstance(row, bool) and row >= 0 for row in checked):
+        raise InvalidInputError(f"rows must be non-negative integers, got {checked!r}")
+    if len(set(checked)) != len(checked):
+        raise InvalidInputError(f"rows must be distinct, got {checked!r}")
+    return checked

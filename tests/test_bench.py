@@ -1,0 +1,65 @@
+"""`star-edge bench` and star_edge/bench.py on a tiny bundle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from star_edge.bench import STAGES, bench_image, parse_sample_counts, run_bench
+from star_edge.cli import app
+from star_edge.errors import InvalidInputError
+from star_edge.export.tiny import make_tiny_bundle
+from star_edge.segmenter import Segmenter
+
+ANSWER = ('<think>Red.</think><answer>[{"bbox_2d": [100, 200, 400, 500], "point_2d": [250, 350], '
+          '"label": "red circle"}]</answer>')
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bundle"
+    make_tiny_bundle(path, seed=0, family="qwen3_vl", scripted_answers=[ANSWER])
+    return path
+
+
+def test_run_bench_reports_every_stage_per_sample_count(bundle):
+    with Segmenter.from_pretrained(bundle) as segmenter:
+        rows = run_bench(segmenter, bench_image(), samples=[1, 2], repeat=2)
+    assert [row.samples for row in rows] == [1, 2] and all(row.repeat == 2 for row in rows)
+    for row in rows:
+        assert set(row.p50) == set(row.p95) == set(STAGES)
+        assert all(0.0 <= row.p50[stage] <= row.p95[stage] for stage in STAGES)
+        assert row.p50["total"] >= row.p50["decode"]
+        assert row.samples_used == row.samples and row.parsed == row.samples
+        assert json.loads(json.dumps(row.to_json()))["p95_ms"] == row.p95
+
+
+def test_bench_command_prints_the_table_and_writes_json(bundle, tmp_path):
+    image = tmp_path / "scene.png"
+    Image.fromarray(bench_image(160, 120)).save(image)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--bundle", str(bundle), "--samples", "1,4", "--repeat", "2",
+                                      "--image", str(image), "--json", str(out), "--adaptive"])
+    assert result.exit_code == 0, result.output
+    assert "p50 / p95" in result.output and "N=4" in result.output
+    assert all(stage in result.output for stage in STAGES)
+    payload = json.loads(out.read_text())
+    assert payload["image_size"] == [160, 120] and payload["adaptive"] is True
+    assert [row["samples"] for row in payload["rows"]] == [1, 4]
+    assert set(payload["rows"][1]["p50_ms"]) == set(STAGES)
+
+
+def test_bad_sample_lists_are_refused(bundle):
+    assert parse_sample_counts("1, 2,8") == [1, 2, 8]
+    for text in ("", "a,b", "0,4", "65"):
+        with pytest.raises(InvalidInputError):
+            parse_sample_counts(text)
+    result = CliRunner().invoke(app, ["bench", "--bundle", str(bundle), "--samples", "two"])
+    assert result.exit_code == 2 and "--samples" in result.stderr
+    with Segmenter.from_pretrained(bundle) as segmenter:
+        with pytest.raises(InvalidInputError, match="repeat"):
+            run_bench(segmenter, np.zeros((8, 8, 3), np.uint8), repeat=0)
