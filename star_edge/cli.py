@@ -78,6 +78,10 @@ def segment(
     bundle: BundleOption = None,
     backend: Annotated[str, typer.Option("--backend", help="torch | onnx | tensorrt")] = "torch",
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
+    adaptive: Annotated[bool, typer.Option(
+        "--adaptive", help="Draw samples in rounds of 4; stop once the rest cannot change the vote.")] = False,
+    margin: Annotated[Optional[int], typer.Option(
+        "--margin", help="With --adaptive: also stop once this many more samples could not change it.")] = None,
     debug: DebugOption = False,
 ) -> None:
     """Segment the objects QUERY refers to in IMAGE."""
@@ -93,8 +97,10 @@ def segment(
         if not segmenter.bundle.trained:
             errors.print(f"note: bundle '{segmenter.bundle.name}' is untrained (weights from config); "
                          "its answers are noise. Pass --bundle DIR for a real model.", highlight=False)
-        result = segmenter.segment(pixels, query, samples=samples, seed=seed)
+        result = segmenter.segment(pixels, query, samples=samples, seed=seed, adaptive=adaptive, margin=margin)
         _print_result(result)
+        if adaptive and samples > 1:
+            console.print(f"adaptive: drew {len(result.samples)} of {samples} samples", highlight=False)
         if json_path is not None:
             _write_file(json_path, lambda p: p.write_text(json.dumps(result.to_json()) + "\n"))
             console.print(f"wrote {json_path}")
@@ -243,6 +249,123 @@ def data_synth(
                     folder = write_split(out, seed, split, total, config,
                                          progress=lambda done, task=task: bar.update(task, completed=done))
                     console.print(f"wrote {total} {split} samples to {folder}", highlight=False)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option("--out", help="The bundle folder to write.")],
+    base: Annotated[Optional[Path], typer.Option(
+        "--base", help="Base Qwen2.5-VL / Qwen3-VL checkpoint folder (safetensors, tokenizer, processor).")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(
+        "--adapter", help="LoRA adapter folder (peft: adapter_config.json + adapter_model.safetensors).")] = None,
+    sam: Annotated[Optional[Path], typer.Option(
+        "--sam", help="A bundle's sam/ folder, or an official SAM .pth file.")] = None,
+    input_size: Annotated[Optional[int], typer.Option(
+        "--input-size", help="Square reasoner input in px (default 840 for Qwen2.5-VL, 832 for Qwen3-VL).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens per answer.")] = 1024,
+    name: Annotated[Optional[str], typer.Option("--name", help="Bundle name (default: the adapter folder's).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (the checkpoint's) | float32 | bfloat16 | float16")] = "auto",
+    debug: DebugOption = False,
+) -> None:
+    """Write a bundle: a base checkpoint with a LoRA adapter merged in, plus a SAM model."""
+    with _reported_errors(debug):
+        from star_edge.errors import InvalidInputError
+
+        if base is None or adapter is None or sam is None:
+            raise InvalidInputError("export needs --base, --adapter and --sam (exporting the default bundle "
+                                    "without them is not available yet)")
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise InvalidInputError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        from star_edge.export.merge import write_merged_bundle
+
+        bundle, report = write_merged_bundle(base, adapter, out, sam, input_size=input_size,
+                                             max_new_tokens=max_new_tokens, name=name, dtype=dtype)
+        console.print(f"merged {report.lora_modules} LoRA modules into {report.family} ({report.dtype}): "
+                      f"max |merged - unmerged| {report.max_abs_diff:.2e} on logits up to "
+                      f"{report.max_abs_logit:.2f}; the adapter moves them by up to {report.adapter_effect:.2f}",
+                      highlight=False)
+        console.print(f"wrote bundle '{bundle.name}' to {bundle.root} ({len(bundle.files)} files)", highlight=False)
+
+
+@app.command()
+def train(
+    config: Annotated[str, typer.Option(
+        "--config", help="A shipped config (tiny, stage1, stage2) or a YAML file.")],
+    stage: Annotated[Optional[str], typer.Option("--stage", help="sft | 1 | 2 (default: the config's).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(
+        "--max-steps", help="Train the stage up to this many optimiser steps in all.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Run folder (default runs/<config>); each stage writes its own subfolder.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the stage's run in --out from its last checkpoint.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Train one stage (SFT warm start, GRPO Stage 1, GRPO Stage 2 with REST) and write its bundle."""
+    with _reported_errors(debug):
+        import os
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from star_edge.errors import InvalidInputError
+        from star_edge.train.config import load_config
+        from star_edge.train.run import train as train_stage
+
+        if max_steps is not None and max_steps < 1:
+            raise InvalidInputError(f"--max-steps must be >= 1, got {max_steps}")
+        settings = load_config(config, stage)
+        out = out if out is not None else Path("runs") / Path(config).stem
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, disable=os.environ.get("RANK", "0") != "0") as bar:
+            task = bar.add_task(f"stage {settings.stage}", total=None, status="")
+
+            def show(row: dict) -> None:
+                shown = [f"{key} {row[key]:.4g}" for key in ("reward", "loss", "kl") if key in row]
+                bar.update(task, status="  ".join(shown))
+
+            result = train_stage(settings, out, max_steps, resume, on_log=show,
+                                 on_progress=lambda step, total: bar.update(task, completed=step, total=total))
+        console.print(f"stage {settings.stage}: {result.step} steps; metrics in {result.metrics}; bundle "
+                      f"'{result.bundle.name}' in {result.bundle.root}", highlight=False)
+
+
+@app.command()
+def bench(
+    bundle: BundleOption = None,
+    samples: Annotated[str, typer.Option("--samples", help="Comma-separated sample counts.")] = "1,2,4,8",
+    repeat: Annotated[int, typer.Option("--repeat", help="Timed calls per sample count.")] = 5,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Image file (default: a fixed test scene).")] = None,
+    query: Annotated[str, typer.Option("--query", help="The query of every call.")] = "the red circle",
+    adaptive: Annotated[bool, typer.Option("--adaptive", help="Time segment(adaptive=True).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the table as JSON here.")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
+    debug: DebugOption = False,
+) -> None:
+    """Time every stage of `segment` (p50 / p95 in ms) for a bundle."""
+    with _reported_errors(debug):
+        from star_edge.bench import STAGES, bench_image, parse_sample_counts, run_bench
+        from star_edge.images import load_image, validate_query
+        from star_edge.segmenter import Segmenter
+
+        counts = parse_sample_counts(samples)
+        pixels = load_image(image) if image is not None else bench_image()
+        query = validate_query(query)
+        segmenter = Segmenter.from_pretrained(bundle, device=device)
+        rows = run_bench(segmenter, pixels, query, counts, repeat, adaptive=adaptive)
+        table = Table(title=f"bundle {segmenter.bundle.name}: ms per stage, p50 / p95 over {repeat} calls")
+        table.add_column("stage")
+        for row in rows:
+            drew = "" if row.samples_used == row.samples else f" (drew {row.samples_used:.1f})"
+            table.add_column(f"N={row.samples}{drew}", justify="right")
+        for stage in STAGES:
+            table.add_row(stage, *(f"{row.p50[stage]:.0f} / {row.p95[stage]:.0f}" for row in rows))
+        console.print(table)
+        if json_path is not None:
+            payload = {"bundle": segmenter.bundle.name, "device": device, "query": query,
+                       "image_size": [int(pixels.shape[1]), int(pixels.shape[0])], "adaptive": adaptive,
+                       "rows": [row.to_json() for row in rows]}
+            _write_file(json_path, lambda p: p.write_text(json.dumps(payload, indent=2) + "\n"))
+            console.print(f"wrote {json_path}")
 
 
 def _runtime_table() -> Table:

@@ -30,3 +30,11 @@ def test_demo_reasoner_uses_the_compact_prompt(tmp_path):
     compact = build_messages("the red cup", "grid1000", "star_compact_v1")[0]["content"][1]["text"]
     full = build_messages("the red cup", "grid1000", "star_v1")[0]["content"][1]["text"]
     assert "the red cup" in compact and len(compact) < len(full) / 2
+
+
+def test_no_label_templates_drop_only_the_label():
+    for template in ("star_v1", "star_compact_v1"):
+        with_label = build_messages("the cup", "pixels", template)[0]["content"][1]["text"]
+        without = build_messages("the cup", "pixels", template + "_nolabel")[0]["content"][1]["text"]
+        assert "label" in with_label and "label" not in without
+        assert "bbox_2d" in without and "point_2d" in without and "the cup" in without

@@ -1,0 +1,120 @@
+"""`star-edge train`: configs, the three stages end to end on the tiny demo reasoner, resume, bundles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from star_edge.cli import app
+from star_edge.errors import InvalidInputError
+from star_edge.reasoner.prompts import PROMPT_TEMPLATES
+from star_edge.segmenter import Segmenter
+from star_edge.train.config import TrainConfig, load_config
+from star_edge.train.grpo import StarGRPOConfig
+from star_edge.train.grpo_data import NO_LABEL_SUFFIX, prompt_template_for
+
+MINI = {
+    "stage": "sft",
+    "base": "tiny",
+    "sam": "tiny",
+    "device": "cpu",
+    "data": {"synthetic_stage": "single", "objects": [1, 2], "train_samples": 64},
+    "sft": {"batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "total_steps": 50, "log_every": 1,
+            "checkpoint_every": 100, "eval_every": 0},
+    "grpo": {"use_cpu": True, "bf16": False, "activation_checkpointing": False, "per_device_train_batch_size": 4,
+             "gradient_accumulation_steps": 1, "num_generations": 4, "max_completion_length": 6,
+             "learning_rate": 1e-3, "lora_rank": 4, "lora_alpha": 4, "max_steps": 2, "save_steps": 10},
+    "stages": {"1": {"base": "stage:sft"},
+               "2": {"base": "stage:sft", "adapter": "stage:1", "grpo": {"rest_rollouts": 8}}},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two OpenMP threads on 2 shared cores stall when another process is busy; one does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_shipped_configs_load_with_their_stage_overrides():
+    tiny = load_config("tiny")
+    assert tiny.stage == "sft" and tiny.base == "tiny" and tiny.sft_config().total_steps == 200
+    stage2 = load_config("tiny", stage="2")
+    assert (stage2.stage, stage2.base, stage2.adapter) == ("2", "stage:sft", "stage:1")
+    assert stage2.grpo["rest_rollouts"] == 16 and stage2.grpo["num_generations"] == 4
+    assert stage2.grpo["lora_rank"] == 16 and stage2.grpo["max_completion_length"] == 64
+    args = StarGRPOConfig(output_dir="unused", **stage2.grpo)
+    assert (args.rest_rollouts, args.num_generations, args.lora_rank) == (16, 4, 16)
+    paper1, paper2 = load_config("stage1"), load_config("stage2")
+    assert (paper1.grpo["learning_rate"], paper1.grpo["num_generations"], paper1.grpo["beta"]) == (1e-5, 16, 0.0)
+    assert (paper2.grpo["learning_rate"], paper2.grpo["rest_rollouts"], paper2.adapter) == (5e-6, 256, "stage:1")
+    assert paper1.grpo["lora_rank"] == paper1.grpo["lora_alpha"] == 64
+
+
+def test_bad_configs_name_the_problem(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"stage": "1", "grpo": {"learning_rat": 1.0}}))
+    with pytest.raises(InvalidInputError, match="learning_rat"):
+        load_config(path)
+    with pytest.raises(InvalidInputError, match="stage"):
+        TrainConfig(stage="3")
+    with pytest.raises(InvalidInputError, match="no config named"):
+        load_config("no-such-config")
+
+
+def test_the_label_ablation_asks_with_a_no_label_template():
+    variant = "star_v1" + NO_LABEL_SUFFIX
+    assert prompt_template_for("star_v1", with_labels=True) == "star_v1"
+    if variant in PROMPT_TEMPLATES:
+        assert prompt_template_for("star_v1", with_labels=False) == variant
+    else:
+        with pytest.raises(InvalidInputError, match=variant):
+            prompt_template_for("star_v1", with_labels=False)
+
+
+def run(*args: str):
+    result = CliRunner().invoke(app, ["train", *args])
+    return result.exit_code, result.output
+
+
+def rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_three_stages_resume_and_write_loadable_bundles(tmp_path):
+    config = tmp_path / "mini.yaml"
+    config.write_text(yaml.safe_dump(MINI))
+    out = tmp_path / "run"
+
+    code, output = run("--config", str(config), "--max-steps", "2", "--out", str(out))
+    assert code == 0, output
+    assert [row["step"] for row in rows(out / "sft" / "metrics.jsonl")] == [1, 2]
+    Segmenter.from_pretrained(out / "sft" / "bundle").close()
+
+    code, output = run("--config", str(config), "--stage", "1", "--max-steps", "1", "--out", str(out))
+    assert code == 0, output
+    code, output = run("--config", str(config), "--stage", "1", "--max-steps", "2", "--out", str(out))
+    assert code == 2 and "--resume" in output
+    code, output = run("--config", str(config), "--stage", "1", "--max-steps", "2", "--out", str(out), "--resume")
+    assert code == 0, output
+    logged = rows(out / "stage1" / "metrics.jsonl")
+    assert [row["step"] for row in logged if "reward" in row] == [1, 2]
+    assert {"reward/format", "reward/accuracy", "reward/mask", "reward/group_std", "completions/mean_length"} <= set(
+        logged[0])
+    state = json.loads((out / "stage1" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    with Segmenter.from_pretrained(out / "stage1" / "bundle") as segmenter:
+        assert segmenter.bundle.trained and segmenter.bundle.reasoner.prompt_template == "star_compact_v1"
+
+    code, output = run("--config", str(config), "--stage", "2", "--max-steps", "1", "--out", str(out))
+    assert code == 0, output
+    first = rows(out / "stage2" / "metrics.jsonl")[0]
+    assert {"rest/std_before", "rest/std_after", "rest/range_before", "rest/range_after"} <= set(first)
+    assert json.loads((out / "stage2" / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    Segmenter.from_pretrained(out / "stage2" / "bundle").close()
