@@ -107,7 +107,7 @@ class Segmenter:
         if backend not in bundle.backends:
             raise BackendUnavailableError(
                 f"bundle {bundle.root} has no {backend!r} files (it has: {', '.join(bundle.backends)}); "
-                f"write them with `star-edge export --bundle {bundle.root} --out DIR --{backend}`"
+                f"use backend={bundle.backends[0]!r}"
             )
         if backend != "torch":
             raise BackendUnavailableError(f"the {backend!r} runtime is not available in this build")
