@@ -160,7 +160,7 @@ def naive_majority_vote(
         best = max(clusters[x], key=lambda j: (scores[j], areas[j]))
         label_counts = Counter(labels[j] for j in clusters[x])
         label = max(label_counts, key=label_counts.__getitem__)
-        objects.append(VotedObject(masks[best].copy(), means[x], label, votes[x], tuple(clusters[x])))
+        objects.append(VotedObject(masks[best].copy(), means[x], label, votes[x], tuple(clusters[x]), best))
     return objects
 
 

@@ -23,7 +23,7 @@ from star_edge.bundle import Bundle, load_bundle
 from star_edge.errors import BackendUnavailableError, InvalidInputError
 from star_edge.images import ImageInput, load_image, validate_query
 from star_edge.result import ObjectMask, Result, Sample
-from star_edge.vote import VoteConfig, majority_vote
+from star_edge.vote import VoteConfig, majority_vote, union_mask
 
 MAX_SAMPLES = 64
 MAX_SEED = 2**63 - 1
@@ -189,9 +189,7 @@ class Segmenter:
         else:
             objects = self._vote(masks, scores, boxes, points, sample_ids, labels, valid)
         timings["vote"] = _ms_since(begin)
-        mask = np.zeros(pixels.shape[:2], dtype=bool)
-        for obj in objects:
-            mask |= obj.mask
+        mask = union_mask(objects, pixels.shape[:2])
         timings["total"] = _ms_since(started)
         return Result(query=query, image=pixels, objects=objects, mask=mask, samples=parsed,
                       timings=timings)
@@ -213,9 +211,7 @@ class Segmenter:
         begin = time.perf_counter()
         boxes, points, sample_ids, labels = _prompts_of(vote.valid)
         objects = self._vote(vote.masks, vote.scores, boxes, points, sample_ids, labels, vote.valid)
-        mask = np.zeros(pixels.shape[:2], dtype=bool)
-        for obj in objects:
-            mask |= obj.mask
+        mask = union_mask(objects, pixels.shape[:2])
         timings["vote"] += _ms_since(begin)
         timings["total"] = _ms_since(started)
         return Result(query=query, image=pixels, objects=objects, mask=mask, samples=vote.parsed, timings=timings)
@@ -247,8 +243,7 @@ class Segmenter:
                               object_counts=object_counts, config=self.vote_config)
         objects = []
         for obj in voted:
-            members = list(obj.members)
-            best = max(members, key=lambda m: (scores[m], int(masks[m].sum())))
+            best = obj.best_member
             objects.append(ObjectMask(mask=obj.mask, box=_int_tuple(boxes[best]),
                                       point=_int_tuple(points[best]), label=obj.label,
                                       votes=obj.votes, score=float(obj.score)))

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from numbers import Integral, Real
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -88,6 +88,8 @@ class VotedObject:
         label: the most common label among the members (tie: the first seen in candidate order).
         votes: the number of distinct samples among the members.
         members: the candidate indices in the cluster, ascending.
+        best_member: the member with the highest (score, area) (tie: the earlier candidate); its
+            mask is the object's mask under "best" aggregation, its prompts represent the object.
     """
 
     mask: np.ndarray
@@ -95,6 +97,7 @@ class VotedObject:
     label: str
     votes: int
     members: tuple[int, ...]
+    best_member: int
 
 
 def majority_vote(
@@ -158,8 +161,9 @@ def majority_vote(
     objects = []
     for c in ranked:
         members = clusters[c]
+        best = _best_member(members, scores, packed.areas)
         if config.aggregation == "best":
-            mask = masks[_best_member(members, scores, packed.areas)].copy()
+            mask = masks[best].copy()
         else:
             mask = _consensus_mask(masks, scores, members, config.consensus_threshold)
         objects.append(
@@ -169,13 +173,19 @@ def majority_vote(
                 label=_modal_label([labels[j] for j in members]),
                 votes=votes[c],
                 members=tuple(members),
+                best_member=best,
             )
         )
     return objects
 
 
-def union_mask(objects: Sequence[VotedObject], shape: tuple[int, int]) -> np.ndarray:
-    """The final mask: (H, W) bool, the union of the objects' masks; all False when there are none.
+class _HasMask(Protocol):
+    mask: np.ndarray
+
+
+def union_mask(objects: Sequence[_HasMask], shape: tuple[int, int]) -> np.ndarray:
+    """The final mask: (H, W) bool, the union of the objects' masks (VotedObject, ObjectMask, or
+    anything with a (H, W) bool `.mask`); all False when there are none.
 
     Raises:
         InvalidInputError: an object's mask is not (H, W).

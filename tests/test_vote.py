@@ -267,7 +267,8 @@ def test_union_mask_of_no_objects_is_all_false() -> None:
 
 
 def test_union_mask_rejects_a_wrong_shape() -> None:
-    obj = VotedObject(mask=np.zeros((2, 2), dtype=bool), score=1.0, label="a", votes=1, members=(0,))
+    obj = VotedObject(mask=np.zeros((2, 2), dtype=bool), score=1.0, label="a", votes=1, members=(0,),
+                      best_member=0)
     with pytest.raises(InvalidInputError, match="shape"):
         union_mask([obj], (3, 3))
 
@@ -435,8 +436,8 @@ def reference_vote(case: Case, config: VoteConfig) -> list[VotedObject]:
     objects = []
     for x in order[:k]:
         c = kept[x]
+        top = max((case.scores[i], case.masks[i].sum(), -i) for i in c)
         if config.aggregation == "best":
-            top = max((case.scores[i], case.masks[i].sum(), -i) for i in c)
             mask = case.masks[-top[2]]
         else:
             weights = np.clip(case.scores[c], 0, None)
@@ -445,7 +446,7 @@ def reference_vote(case: Case, config: VoteConfig) -> list[VotedObject]:
             mask = mean >= config.consensus_threshold
         label_counts = Counter(case.labels[i] for i in c)
         label = next(case.labels[i] for i in c if label_counts[case.labels[i]] == max(label_counts.values()))
-        objects.append(VotedObject(mask, float(np.mean(case.scores[c])), label, votes(c), tuple(c)))
+        objects.append(VotedObject(mask, float(np.mean(case.scores[c])), label, votes(c), tuple(c), -top[2]))
     return objects
 
 
@@ -468,7 +469,7 @@ def test_matches_the_numpy_reference_on_random_inputs(seed: int, config: VoteCon
     expected = reference_vote(case, config)
 
     def summary(objects: list[VotedObject]) -> list[tuple[object, ...]]:
-        return [(o.members, o.votes, o.label, o.score) for o in objects]
+        return [(o.members, o.votes, o.label, o.score, o.best_member) for o in objects]
 
     assert summary(got) == summary(expected)
     for g, e in zip(got, expected):
