@@ -79,7 +79,7 @@ def segment(
     backend: Annotated[str, typer.Option("--backend", help="torch | onnx | tensorrt")] = "torch",
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
     adaptive: Annotated[bool, typer.Option(
-        "--adaptive", help="Draw samples in rounds of 4; stop once the rest cannot change the vote.")] = False,
+        "--adaptive", help="Vote on answers as they finish; stop once the rest cannot change the vote.")] = False,
     margin: Annotated[Optional[int], typer.Option(
         "--margin", help="With --adaptive: also stop once this many more samples could not change it.")] = None,
     debug: DebugOption = False,
