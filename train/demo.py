@@ -2,8 +2,10 @@
 
 - `DEMO_DIMS`: about 7 M parameters, 256 px input, 64 image tokens, 0-1000 coordinate grid, our
   tokenizer with one token per coordinate integer.
-- `DEMO_CURRICULUM`: the SFT stream in phases (one named target, then the mixed stream of single
-  targets, dense grounding and the reasoning types); `CurriculumSource` serves it by stream index,
+- `DEMO_CURRICULUM`: the SFT stream in phases (one named target among 1-3 plain shapes, as
+  measured in DESIGN section 12; then one named target among shapes and everyday items, some
+  queries without a target; then the mixed stream of single targets, dense grounding and the
+  reasoning types); `CurriculumSource` serves it by stream index,
   so a resumed run continues with exactly the samples it would have seen.
 - `run_sft`: initialise (or resume) a run folder and train for a time or step budget;
   `python -m star_edge.train.demo --run-dir DIR [...]` runs it from a shell (a GPU machine, say).
@@ -44,6 +46,8 @@ class Phase:
 
 
 DEMO_CURRICULUM: tuple[Phase, ...] = (
+    Phase(60_000, SyntheticConfig(stage="single", objects=(1, 3), item_probability=0.0,
+                                  no_target_probability=0.0)),
     Phase(120_000, SyntheticConfig(stage="single", objects=(1, 3))),
     Phase(10**12, SyntheticConfig(stage="mixed")),
 )
@@ -116,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--max-seconds", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="steps between greedy evaluations on held-out scenes of the first phase")
+    parser.add_argument("--eval-count", type=int, default=64)
     defaults = SFTConfig()
     for name in ("batch_size", "lr", "warmup_steps", "total_steps", "num_workers", "log_every",
                  "checkpoint_every", "amp_dtype"):
@@ -123,12 +131,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.add_argument("--" + name.replace("_", "-"), default=default,
                             type=type(default) if default is not None else str)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = SFTConfig(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                        total_steps=args.total_steps, num_workers=args.num_workers,
                        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-                       amp_dtype=args.amp_dtype, eval_every=0)
+                       amp_dtype=args.amp_dtype, eval_every=args.eval_every,
+                       eval_count=args.eval_count)
+    eval_samples = (held_out(args.eval_count, DEMO_CURRICULUM[0].config) if args.eval_every else ())
     run_sft(args.run_dir, config, device=args.device, max_steps=args.max_steps,
-            max_seconds=args.max_seconds, on_log=lambda row: print(json.dumps(row), flush=True))
+            max_seconds=args.max_seconds, eval_samples=eval_samples, on_log=lambda row: print(json.dumps(row), flush=True))
 
 
 if __name__ == "__main__":
