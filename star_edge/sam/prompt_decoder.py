@@ -11,10 +11,13 @@ to float32 rounding), computed with less work when K prompts share one image:
   a softmax row are dropped (softmax is shift-invariant), and the value and output projections
   are applied to the few token rows, not to the 4096 image rows.
 - Softmaxes over the few tokens run along a non-innermost axis of length-4096 rows.
-- The final token-to-image attention runs for the IoU and mask tokens only: the prompt tokens'
-  outputs are never read.
+- The final token-to-image attention runs for the output tokens that are read: each token
+  attends on its own, so `decode_best` runs it for the IoU token and the candidate mask tokens
+  only (the prompt tokens' outputs, and the single-mask token when multimask, are never formed).
 - The per-prompt image tokens go through the transformer in tiles of whole grid rows that stay
-  in cache: each tile is normed and fed straight into the logits of the next attention.
+  in cache: each tile is normed and fed straight into the next attention to the image, its
+  logits and its softmax-weighted sum both (a running-maximum softmax), so a block's image
+  tokens are written once and read once by the next block.
 - The upscaling (two stride-2 transposed convolutions) runs as two matrix products on
   channels-last pixel rows, tile by tile, and only for the image tokens whose logits survive the
   crop to the unpadded image (43 of 64 token rows for a 3:2 photo); only the hypernetwork
@@ -117,20 +120,46 @@ def _fold_token_queries(attention: torch.nn.Module, queries: torch.Tensor) -> to
     return ((projected * (1.0 / math.sqrt(head_width))) @ key_weight).view(batch, -1, width)
 
 
-def _token_to_image_output(
-    attention: torch.nn.Module, weights: torch.Tensor, tiles: list[torch.Tensor]
-) -> torch.Tensor:
-    """Token-to-image attention output from its softmax weights (K, H * T, P) over the image
-    tokens, given as tiles (K, R_i, C) along P: sum_n a_n (Wv_h x_n + bv_h) =
-    Wv_h (sum_n a_n x_n) + bv_h, as the weights of a row sum to one. Returns (K, T, C)."""
+class _PooledTokens:
+    """Softmax-weighted sums of image tokens, accumulated tile by tile.
+
+    For logits (K, S, P) over all image tokens and the tokens (K, P, C), `pooled()` returns
+    softmax(logits, dim=-1) @ tokens (K, S, C), computed from tiles along P with a running
+    maximum (each tile's weights are exp(logits - running max), earlier sums rescaled when the
+    maximum grows), so each tile is read once, while it is in cache.
+    """
+
+    def __init__(self) -> None:
+        self._peak: torch.Tensor | None = None
+        self._total: torch.Tensor | None = None
+        self._sums: torch.Tensor | None = None
+
+    def add(self, logits: torch.Tensor, tile: torch.Tensor) -> None:
+        """logits: (K, S, R) of this tile's R tokens (overwritten); tile: (K, R, C)."""
+        peak = logits.amax(dim=2, keepdim=True)
+        if self._peak is not None:
+            peak = torch.maximum(peak, self._peak)
+        weights = logits.sub_(peak).exp_()
+        if self._peak is None:
+            self._total = weights.sum(dim=2, keepdim=True)
+            self._sums = weights @ tile
+        else:
+            scale = torch.exp(self._peak - peak)
+            self._total = self._total.mul_(scale).add_(weights.sum(dim=2, keepdim=True))
+            self._sums = self._sums.mul_(scale).baddbmm_(weights, tile)
+        self._peak = peak
+
+    def pooled(self) -> torch.Tensor:
+        """(K, S, C): the softmax-weighted sums over every tile added."""
+        return self._sums / self._total
+
+
+def _token_to_image_output(attention: torch.nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """Token-to-image attention output from the attention-weighted sums of the image tokens
+    pooled: (K, H * T, C) (head-major rows): sum_n a_n (Wv_h x_n + bv_h) = Wv_h (sum_n a_n x_n)
+    + bv_h, as the weights of a row sum to one. Returns (K, T, C)."""
     heads = attention.num_heads
-    batch, rows, width = weights.shape[0], weights.shape[1], tiles[0].shape[-1]
-    pooled = None
-    top = 0
-    for tile in tiles:
-        part = weights[:, :, top : top + tile.shape[1]]
-        pooled = part @ tile if pooled is None else pooled.baddbmm_(part, tile)
-        top += tile.shape[1]
+    batch, rows, width = pooled.shape
     pooled = pooled.view(batch, heads, rows // heads, width)
     head_width = attention.v_proj.weight.shape[0] // heads
     value_weight = attention.v_proj.weight.view(heads, head_width, width).transpose(1, 2)
@@ -186,7 +215,7 @@ def _image_to_tokens_tile(
     The output (R, H * T) @ (H * T, C) has the value and output projections folded into the
     token rows; their bias is added once (each head's weights sum to one).
 
-    residual: (R, C) shared or (K, R, C). Returns (K, R, C).
+    residual: (R, C) shared or (K, R, C), which is then updated in place. Returns (K, R, C).
     """
     batch, heads, count, head_width = operands.keys.shape
     if image_queries is not None:
@@ -197,7 +226,10 @@ def _image_to_tokens_tile(
         logits = (operands.folded @ image_pe.transpose(1, 2)).view(batch, heads, count, -1)
         logits = logits + operands.offset
     weights = torch.softmax(logits, dim=2).reshape(batch, heads * count, -1)
-    updated = torch.baddbmm(residual, weights.transpose(1, 2), operands.rows)
+    if residual.dim() == 3:
+        updated = residual.baddbmm_(weights.transpose(1, 2), operands.rows)
+    else:
+        updated = torch.baddbmm(residual, weights.transpose(1, 2), operands.rows)
     return updated.add_(operands.bias)
 
 
@@ -284,17 +316,26 @@ class PromptDecoder(torch.nn.Module):
         return max(1, min(height, tile_tokens // (batch * width)))
 
     def run_transformer(
-        self, context: ImageContext, sparse: torch.Tensor, tile_rows: int | None = None
+        self,
+        context: ImageContext,
+        sparse: torch.Tensor,
+        tile_rows: int | None = None,
+        outputs: tuple[int, ...] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The two-way transformer: sparse (K, N, C) -> outputs of the IoU and mask tokens
-        (K, 1 + M, C) and the image tokens as tiles (K, tile_rows * w, C) of whole grid rows,
-        top to bottom (one tile of all P tokens when tile_rows is None); as TwoWayTransformer
-        with the output tokens prepended to the prompt tokens.
+        """The two-way transformer: sparse (K, N, C) -> the chosen output tokens (K, S, C) and
+        the image tokens as tiles (K, tile_rows * w, C) of whole grid rows, top to bottom (one
+        tile of all P tokens when tile_rows is None); as TwoWayTransformer with the output tokens
+        prepended to the prompt tokens.
+
+        outputs: which output tokens go through the final token-to-image attention (0 the IoU
+        token, 1 + i mask token i), in that order; None: all 1 + M. Each token attends on its
+        own, so the others are never computed.
 
         Each tile goes through a block's image-to-token attention and norm and straight on into
-        the logits of the next attention to the image (the next block's, or the final one), whose
-        queries are known by then; the per-prompt image tokens are written once per block, and
-        read once more for that attention's weighted sum.
+        the next attention to the image (the next block's, or the final one), whose queries are
+        known by then: its logits and its running softmax-weighted sum (`_PooledTokens`) take
+        the tile while it is in cache. The per-prompt image tokens are written once per block
+        and read once by the next.
         """
         decoder = self.mask_decoder
         transformer = decoder.transformer
@@ -326,13 +367,13 @@ class PromptDecoder(torch.nn.Module):
                 attention = following.cross_attn_token_to_image
                 queries = _self_attention(following, queries, tokens)
             else:
-                # Only the IoU and mask tokens are read after the final attention.
                 attention = transformer.final_attn_token_to_image
-                outputs = 1 + decoder.num_mask_tokens
-                queries, tokens = queries[:, :outputs], tokens[:, :outputs]
+                chosen = list(outputs) if outputs is not None else list(range(1 + decoder.num_mask_tokens))
+                queries, tokens = queries[:, chosen], tokens[:, chosen]
             folded = _fold_token_queries(attention, queries + tokens)
             norm = block.norm4
-            new_tiles, new_tiles_pe, logits = [], [], []
+            pooled = _PooledTokens()
+            new_tiles, new_tiles_pe = [], []
             for number, span in enumerate(spans):
                 if index == 0:
                     image_queries, image_pe = context.image_to_token_q[:, span], None
@@ -345,11 +386,9 @@ class PromptDecoder(torch.nn.Module):
                 tile_pe = tile + context.pe[span]
                 new_tiles.append(tile)
                 new_tiles_pe.append(tile_pe)
-                logits.append(folded @ tile_pe.transpose(1, 2))
+                pooled.add(folded @ tile_pe.transpose(1, 2), tile)
             tiles, tiles_pe = new_tiles, new_tiles_pe
-            logits_all = logits[0] if len(logits) == 1 else torch.cat(logits, dim=2)
-            weights = torch.softmax(logits_all, dim=-1)
-            out = _token_to_image_output(attention, weights, tiles)
+            out = _token_to_image_output(attention, pooled.pooled())
             if index + 1 < len(blocks):
                 queries = following.norm2(queries + out)
                 queries = following.norm3(queries + following.mlp(queries))
@@ -357,12 +396,18 @@ class PromptDecoder(torch.nn.Module):
                 queries = transformer.norm_final_attn(queries + out)
         return queries, tiles
 
-    def hypernetwork_weights(self, queries: torch.Tensor) -> torch.Tensor:
-        """Token outputs (K, 1 + M, C) -> per-output mask weights (K, M, C / 8)."""
-        decoder = self.mask_decoder
-        return torch.stack(
-            [mlp(queries[:, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1
-        )
+    def hypernetwork_weights(self, queries: torch.Tensor, outputs: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask-token outputs (K, S, C) -> per-output mask weights (K, S, C / 8).
+
+        outputs: (K, S) int64 in 0..M-1, the mask output each row of `queries` belongs to (its
+        hypernetwork MLP); None: queries holds all M mask tokens in order.
+        """
+        mlps = self.mask_decoder.output_hypernetworks_mlps
+        if outputs is None:
+            return torch.stack([mlp(queries[:, i]) for i, mlp in enumerate(mlps)], 1)
+        every = torch.stack([mlp(queries) for mlp in mlps], 2)
+        index = outputs[..., None, None].expand(-1, -1, 1, every.shape[-1])
+        return every.gather(2, index)[:, :, 0]
 
     def upscale(
         self, tiles: list[torch.Tensor], weights: torch.Tensor, grid: tuple[int, int] | None = None
@@ -421,7 +466,7 @@ class PromptDecoder(torch.nn.Module):
         context = self.image_context(features)
         queries, tiles = self.run_transformer(context, self.embed_prompts(coords, labels))
         iou = self.mask_decoder.iou_prediction_head(queries[:, 0]).float()
-        return self.upscale(tiles, self.hypernetwork_weights(queries)), iou
+        return self.upscale(tiles, self.hypernetwork_weights(queries[:, 1:])), iou
 
     def decode_best(
         self,
@@ -449,18 +494,19 @@ class PromptDecoder(torch.nn.Module):
         grid = None if extent is None else (-(-extent[0] // 4), -(-extent[1] // 4))
         context = self.image_context(features)
         sparse = self.embed_prompts(coords, labels)
+        # The IoU token and the candidate mask tokens: multimask outputs 1.., or output 0.
+        candidates = range(1, self.num_outputs) if multimask else range(1)
+        outputs = (0, *(1 + c for c in candidates))
         logits, scores = [], []
         for start in range(0, sparse.shape[0], max_batch):
             group = sparse[start : start + max_batch]
             rows_per_tile = self.tile_rows(len(group), tile_tokens)
-            queries, tiles = self.run_transformer(context, group, rows_per_tile)
-            iou = self.mask_decoder.iou_prediction_head(queries[:, 0]).float()
-            if multimask:
-                best = iou[:, 1:].argmax(dim=1) + 1
-            else:
-                best = torch.zeros(iou.shape[0], dtype=torch.long, device=iou.device)
-            rows = torch.arange(len(best), device=best.device)
-            weights = self.hypernetwork_weights(queries)[rows, best][:, None]
+            queries, tiles = self.run_transformer(context, group, rows_per_tile, outputs)
+            iou = self.mask_decoder.iou_prediction_head(queries[:, 0]).float()[:, list(candidates)]
+            best = iou.argmax(dim=1, keepdim=True)
+            rows = torch.arange(len(group), device=best.device)
+            chosen = queries[rows, 1 + best[:, 0]][:, None]
+            weights = self.hypernetwork_weights(chosen, best + candidates[0])
             logits.append(self.upscale(tiles, weights, grid)[:, 0])
-            scores.append(iou[rows, best])
+            scores.append(iou.gather(1, best)[:, 0])
         return torch.cat(logits), torch.cat(scores)
