@@ -237,8 +237,8 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: st
 def _sam_section(sam: Path, out: Path) -> dict:
     """Put the SAM model into `out` (a bundle's sam/ folder) and return the manifest's sam section.
 
-    `sam` is a bundle's sam/ folder (config.json + model.safetensors: copied) or an official SAM
-    checkpoint (.pth: converted by `star_edge.export.sam_checkpoints.import_official_sam`).
+    `sam` is a bundle's sam/ folder (config.json + model.safetensors: copied) or an official SAM 1
+    .pth / SAM 2.1 .pt checkpoint (converted by `star_edge.export.sam_checkpoints.import_official_sam`).
     """
     if sam.is_dir():
         config = read_sam_config(sam)
@@ -250,7 +250,7 @@ def _sam_section(sam: Path, out: Path) -> dict:
         for name in ("config.json", "model.safetensors"):
             shutil.copyfile(sam / name, out / name)
         return {"kind": config["kind"], "variant": config["variant"], "path": "sam", "image_size": config["image_size"]}
-    if sam.suffix == ".pth" and sam.is_file():
+    if sam.suffix in (".pth", ".pt") and sam.is_file():
         try:
             from star_edge.export.sam_checkpoints import import_official_sam
         except ImportError as err:
@@ -259,7 +259,9 @@ def _sam_section(sam: Path, out: Path) -> dict:
                 "this build lacks; pass a bundle's sam/ folder instead"
             ) from err
         return {**import_official_sam(sam, out), "path": "sam"}
-    raise BundleError(f"--sam must be a sam/ folder (config.json + model.safetensors) or an official .pth file: {sam}")
+    raise BundleError(
+        f"--sam must be a sam/ folder (config.json + model.safetensors) or an official SAM .pth / SAM 2.1 .pt file: {sam}"
+    )
 
 
 def write_merged_bundle(
@@ -278,7 +280,7 @@ def write_merged_bundle(
         base: the base Qwen2.5-VL / Qwen3-VL checkpoint folder.
         adapter: the peft LoRA adapter folder.
         out: the bundle folder (reasoner/, sam/ and star_edge.json are written into it).
-        sam: a bundle's sam/ folder or an official SAM .pth file.
+        sam: a bundle's sam/ folder, an official SAM 1 .pth or an official SAM 2.1 .pt file.
         input_size: square reasoner input in pixels; None -> DEFAULT_INPUT_SIZE of the family. Must
             be a multiple of the vision tower's patch * merge size (28 for Qwen2.5-VL, 32 for Qwen3-VL).
         max_new_tokens: the most tokens per answer (StAR's answers think first: keep it generous).

@@ -6,6 +6,7 @@ Frames:
   input, (840, 840) by default.
 - 0-1000 grid ("grid1000" frame, Qwen3-VL): the image normalised to a 1000 x 1000 grid.
 - SAM: the ResizeLongestSide frame of segment_anything (longest side = the SAM image size).
+- SAM 2: the image stretched to the square SAM 2 input (side x side), as the sam2 package does.
 
 Arrays of coordinates have a last dimension of x, y pairs: (..., 2) points, (..., 4) boxes
 (x1, y1, x2, y2), any even length in general. Sizes are (width, height) tuples, except for
@@ -220,6 +221,21 @@ def original_to_sam(
     new_h, new_w = sam_preprocess_shape(height, width, long_side)
     xy = _as_xy(coords)
     return xy * _xy_factors(xy.shape[-1], new_w / width, new_h / height)
+
+
+def original_to_sam2(
+    coords: np.ndarray | Sequence, image_size: Sequence[int], side: int
+) -> np.ndarray:
+    """Original pixels -> SAM 2's square input frame, as SAM2Transforms.transform_coords does
+    with normalize=True: x * side / W, y * side / H.
+
+    coords (..., 2k) numbers; image_size (W, H); side the SAM 2 image size (1024 for the
+    official models). Returns (..., 2k) float64, unrounded.
+    """
+    width, height = check_size(image_size, "image_size")
+    side = _positive_int(side, "side")
+    xy = _as_xy(coords)
+    return xy * _xy_factors(xy.shape[-1], side / width, side / height)
 
 
 def _clamp_xy(coords: np.ndarray | Sequence, image_size: Sequence[int]) -> np.ndarray:

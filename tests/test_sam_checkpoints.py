@@ -96,7 +96,7 @@ class Payload:
         ([torch.zeros(2)], "does not hold a state dict"),
         ({}, "does not hold a state dict"),
         ({"mask_decoder.iou_token.weight": 3}, "not tensors"),
-        ({"weight": torch.zeros(2)}, "not a SAM 1 state dict"),
+        ({"weight": torch.zeros(2)}, "not a SAM 1 or SAM 2 state dict"),
     ],
 )
 def test_not_a_state_dict_names_the_file(tmp_path: Path, content: object, reason: str) -> None:

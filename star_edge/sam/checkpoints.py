@@ -1,9 +1,10 @@
-"""Read a bundle's sam/ folder (config.json + model.safetensors) into a segment_anything `Sam`.
+"""Read a bundle's sam/ folder (config.json + model.safetensors) into a segment_anything `Sam`
+(kind "sam1") or a `sam2_model.Sam2Image` (kind "sam2": SAM 2 / 2.1, schema in `sam2_config`).
 
-sam/config.json (all keys required, no others; checked by `official.check_config`)::
+sam/config.json of kind "sam1" (all keys required, no others; checked by `official.check_config`)::
 
     {
-      "kind": "sam1",                       SAM 1 (segment_anything); "sam2" is reserved
+      "kind": "sam1",                       SAM 1 (segment_anything)
       "variant": "vit_b",                   "vit_b" | "vit_l" | "vit_h" | "tiny"
       "image_size": 1024,                   square encoder input (px), longest side resized to it
       "patch_size": 16,                     ViT patch; embedding grid = image_size / patch_size
@@ -26,7 +27,8 @@ sam/config.json (all keys required, no others; checked by `official.check_config
 
 `official.OFFICIAL_CONFIGS` holds the vit_b / vit_l / vit_h values. model.safetensors holds the
 `Sam.state_dict()` tensors (float32 or float16/bfloat16, loaded as float32) under the official key
-names, so a converted official checkpoint loads unchanged.
+names, so a converted official checkpoint loads unchanged. For kind "sam2" it holds the
+`Sam2Image.state_dict()` tensors: the image-path subset of an official SAM 2.1 checkpoint.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from safetensors import SafetensorError, safe_open
 
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
 from star_edge.sam.official import build_sam_from_config, check_config
+from star_edge.sam.sam2_config import check_sam2_config
+from star_edge.sam.sam2_model import build_sam2_from_config
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -98,10 +102,20 @@ def read_sam_config(directory: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path} is not readable JSON: {exc}") from exc
     try:
-        check_config(config)
+        if isinstance(config, dict) and config.get("kind") == "sam2":
+            check_sam2_config(config)
+        else:
+            check_config(config)
     except InvalidInputError as exc:
         raise BundleError(f"{path}: {exc}") from exc
     return config
+
+
+def _build(config: dict[str, Any]) -> torch.nn.Module:
+    """The untrained model a checked config describes, on torch's current default device."""
+    if config["kind"] == "sam2":
+        return build_sam2_from_config(config)
+    return build_sam_from_config(config)
 
 
 def _listed(names: list[str]) -> str:
@@ -148,13 +162,14 @@ def check_sam_dir(directory: str | Path) -> dict[str, Any]:
     if not weights.is_file():
         raise BundleError(f"{weights} is missing (expected the SAM weights)")
     with torch.device("meta"):
-        sam = build_sam_from_config(config)
+        sam = _build(config)
     _check_tensor_layout(weights, sam.state_dict())
     return config
 
 
 def load_sam(directory: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load a bundle's sam/ folder as a segment_anything `Sam` in eval mode, float32, on `device`.
+    """Load a bundle's sam/ folder as a segment_anything `Sam` (kind "sam1") or a `Sam2Image`
+    (kind "sam2") in eval mode, float32, on `device`.
 
     The model is built on the meta device (no random initialisation), the safetensors header is
     checked against it, and the tensors are then assigned in place.
@@ -168,13 +183,15 @@ def load_sam(directory: str | Path, device: str | torch.device = "cpu") -> torch
     config = check_sam_dir(directory)
     weights = Path(directory) / WEIGHTS_FILE
     with torch.device("meta"):
-        sam = build_sam_from_config(config)
+        sam = _build(config)
     try:
         with safe_open(str(weights), framework="pt", device=str(target)) as handle:
             state = {key: handle.get_tensor(key).float() for key in handle.keys()}
     except (SafetensorError, OSError) as exc:
         raise BundleError(f"{weights} is truncated or corrupt: {exc}") from exc
     sam.load_state_dict(state, strict=True, assign=True)
+    if config["kind"] == "sam2":
+        return sam.eval()
     # Not in the state dict (non-persistent buffers): the pixel statistics come from the config.
     sam.register_buffer("pixel_mean", _column(config["pixel_mean"], target), persistent=False)
     sam.register_buffer("pixel_std", _column(config["pixel_std"], target), persistent=False)

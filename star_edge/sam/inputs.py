@@ -4,7 +4,8 @@ the prompts, build the image encoder's input, and turn box/point prompts into la
 Labelled points are the one prompt format of our decoders (torch module and ONNX graph alike), as
 in segment_anything's own ONNX export: per prompt N points (x, y) in the SAM frame, each with a
 label: 1 positive point, 0 negative point, 2 / 3 the top-left / bottom-right box corner, -1 padding
-(a point-only prompt gets one padding point, as `PromptEncoder` pads it).
+(a point-only prompt gets one padding point, as `PromptEncoder` pads it). SAM 2 has its own frame
+and order (`labelled_points_sam2`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from star_edge.errors import InvalidInputError
-from star_edge.geometry import original_to_sam, sam_preprocess_shape
+from star_edge.geometry import original_to_sam, original_to_sam2, sam_preprocess_shape
 
 LABEL_PADDING = -1
 LABEL_POSITIVE = 1
@@ -145,5 +146,39 @@ def labelled_points(
     if boxes is not None:
         columns.append(original_to_sam(boxes, (width, height), image_size).reshape(count, 2, 2))
         labels += [LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT]
+    coords = np.concatenate(columns, axis=1).astype(np.float32)
+    return coords, np.broadcast_to(np.array(labels, dtype=np.int64), (count, len(labels))).copy()
+
+
+def labelled_points_sam2(
+    boxes: np.ndarray | None,
+    points: np.ndarray | None,
+    original_size: tuple[int, int],
+    image_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """K prompts (each a box and/or one positive point, original pixels) as SAM 2's labelled
+    points, in the order SAM2ImagePredictor builds them: box corners first, then the point, then
+    one padding point (its prompt encoder always pads: the predictor passes boxes as points).
+
+    boxes: (K, 4) float64 (x1, y1, x2, y2) or None; points: (K, 2) float64 or None (not both);
+    original_size: (H, W) of the image; image_size: the SAM 2 input side S.
+
+    Returns:
+        coords: (K, N, 2) float32 in the S x S frame (`geometry.original_to_sam2`); N = 4 for
+            box + point, 3 for a box alone, 2 for a point alone; the padding point is (0, 0).
+        labels: (K, N) int64 (see the module docstring).
+    """
+    height, width = original_size
+    count = len(boxes) if boxes is not None else len(points)
+    columns: list[np.ndarray] = []
+    labels: list[int] = []
+    if boxes is not None:
+        columns.append(original_to_sam2(boxes, (width, height), image_size).reshape(count, 2, 2))
+        labels += [LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT]
+    if points is not None:
+        columns.append(original_to_sam2(points, (width, height), image_size)[:, None, :])
+        labels.append(LABEL_POSITIVE)
+    columns.append(np.zeros((count, 1, 2)))
+    labels.append(LABEL_PADDING)
     coords = np.concatenate(columns, axis=1).astype(np.float32)
     return coords, np.broadcast_to(np.array(labels, dtype=np.int64), (count, len(labels))).copy()

@@ -7,6 +7,7 @@ mask is logits > threshold. Each of those steps is linear and separable, so the 
 `Ry @ L @ Rx.T` with one (H, 4h) and one (W, 4w) matrix: the exact same values (up to float32
 rounding), with no S x S intermediate, computed for the chosen mask of each prompt only.
 Columns of the low-resolution logits that the crop never reaches are dropped from the matrices.
+SAM 2 has no padding and no crop: its logits are resized straight to (H, W) (`stretch_matrices`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,32 @@ def upsampling_matrices(
     """
     rows = _axis_matrix(low_res_size[0], image_size, input_size[0], original_size[0])
     cols = _axis_matrix(low_res_size[1], image_size, input_size[1], original_size[1])
+    return rows, cols
+
+
+@lru_cache(maxsize=64)
+def _stretch_matrix(low_res: int, original_side: int) -> np.ndarray:
+    """(original_side, low_res) float32, read-only: one bilinear resize along one axis."""
+    matrix = bilinear_matrix(low_res, original_side).astype(np.float32)
+    matrix.flags.writeable = False
+    return matrix
+
+
+def stretch_matrices(
+    low_res_size: tuple[int, int], original_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """SAM 2's postprocessing as two matrices (read-only, cached per geometry): its logits cover
+    the whole stretched image, so they are resized straight to the original size (bilinear,
+    align_corners=False, as SAM2Transforms.postprocess_masks).
+
+    low_res_size: (r, c) of the decoder's logits; original_size: (H, W).
+
+    Returns:
+        rows: (H, r) float32 and cols: (W, c) float32 with rows @ logits @ cols.T the resized
+        logits in exact arithmetic.
+    """
+    rows = _stretch_matrix(low_res_size[0], original_size[0])
+    cols = _stretch_matrix(low_res_size[1], original_size[1])
     return rows, cols
 
 
