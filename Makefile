@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= torch,onnx,train,dev
+EXTRAS ?= torch,onnx,export,train,dev
 TORCH_PIN := torch==2.13.0
 
 .PHONY: install test demo bench clean
@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	@echo "installing star-edge into $(VENV) (log: $(VENV)/install.log)"
 	@{ $(BIN)/python -m pip install --upgrade pip setuptools wheel \
 	  && $(BIN)/python -m pip install "$(TORCH_PIN)" \
-	  && $(BIN)/python -m pip install -e ".[$(EXTRAS)]"; } > $(VENV)/install.log 2>&1 \
+	  && $(BIN)/python -m pip install -e ".[$(EXTRAS)]" \
+	  && SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install --no-deps --no-build-isolation \
+	     --require-hashes -r tests/requirements-sam2.txt; } > $(VENV)/install.log 2>&1 \
 	  || { tail -n 40 $(VENV)/install.log; exit 1; }
 	@touch $(STAMP)
 

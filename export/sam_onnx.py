@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,8 @@ import numpy as np
 import onnx
 import torch
 
-from star_edge.errors import BundleError, InvalidInputError
+from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
+from star_edge.export.onnx_files import OPSET, graph_description, quiet_exporter
 from star_edge.sam.checkpoints import load_sam, read_sam_config
 from star_edge.sam.inputs import labelled_points
 from star_edge.sam.onnx_backend import (
@@ -41,7 +39,6 @@ from star_edge.sam.onnx_backend import (
 )
 from star_edge.sam.prompt_decoder import PromptDecoder
 
-OPSET = 18
 ENCODER_FILE = "sam_encoder.onnx"
 DECODER_FILES = {
     "fp32": "sam_decoder.onnx",
@@ -49,41 +46,6 @@ DECODER_FILES = {
     "int8": "sam_decoder_int8.onnx",
 }
 _TOLERANCE = 1e-3
-
-
-def _tensor_description(value: onnx.ValueInfoProto) -> dict[str, Any]:
-    """{"name", "dtype", "shape"} of a graph input or output; dynamic axes by their name."""
-    tensor = value.type.tensor_type
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-    shape = [dim.dim_param if dim.dim_param else int(dim.dim_value) for dim in tensor.shape.dim]
-    return {"name": value.name, "dtype": dtype, "shape": shape}
-
-
-def _graph_description(path: Path) -> dict[str, Any]:
-    """Check the ONNX file with onnx.checker and describe its inputs and outputs."""
-    onnx.checker.check_model(str(path), full_check=True)
-    model = onnx.load(str(path), load_external_data=False)
-    return {
-        "file": path.name,
-        "inputs": [_tensor_description(v) for v in model.graph.input],
-        "outputs": [_tensor_description(v) for v in model.graph.output],
-    }
-
-
-@contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporter's notes that are not about our graphs (torchvision operators it
-    skips registering, deprecations inside torch)."""
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
-            yield
-    finally:
-        registration.setLevel(level)
 
 
 def _export_encoder(sam: torch.nn.Module, image_size: int, path: Path) -> None:
@@ -212,6 +174,7 @@ def export_sam_onnx(
         BundleError: the sam/ folder is missing or broken; a graph fails onnx.checker or the
             comparison with torch.
         InvalidInputError: unknown variant names.
+        BackendUnavailableError: a SAM 2 model (its ONNX export is not written yet).
     """
     unknown = sorted(set(variants) - set(DECODER_VARIANTS))
     if unknown or "fp32" not in variants:
@@ -219,13 +182,18 @@ def export_sam_onnx(
             f"variants must include 'fp32' and come from {DECODER_VARIANTS}, got {variants}"
         )
     config = read_sam_config(sam_dir)
+    if config["kind"] != "sam1":
+        raise BackendUnavailableError(
+            f"ONNX export covers SAM 1 models only; {sam_dir} holds a {config['kind']} model "
+            f"({config['variant']}): run it with the torch backend"
+        )
     sam = load_sam(sam_dir)
     decoder = PromptDecoder(sam.prompt_encoder, sam.mask_decoder).eval()
     folder = Path(onnx_dir)
     folder.mkdir(parents=True, exist_ok=True)
     grid = list(sam.prompt_encoder.image_embedding_size)
     dim = int(sam.prompt_encoder.embed_dim)
-    with torch.no_grad(), _quiet_exporter():
+    with torch.no_grad(), quiet_exporter():
         _export_encoder(sam, config["image_size"], folder / ENCODER_FILE)
         _export_decoder(decoder, torch.zeros((1, dim, *grid)), folder / DECODER_FILES["fp32"])
     if "fp16" in variants:
@@ -248,9 +216,9 @@ def export_sam_onnx(
             "pixel_mean": config["pixel_mean"],
             "pixel_std": config["pixel_std"],
         },
-        "encoder": _graph_description(folder / ENCODER_FILE),
+        "encoder": graph_description(folder / ENCODER_FILE),
         "decoders": {
-            variant: _graph_description(folder / DECODER_FILES[variant])
+            variant: graph_description(folder / DECODER_FILES[variant])
             for variant in DECODER_VARIANTS
             if variant in variants
         },

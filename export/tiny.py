@@ -10,7 +10,7 @@ from pathlib import Path
 
 from star_edge.bundle import Bundle
 from star_edge.export.bundle_writer import write_manifest
-from star_edge.export.tiny_reasoner import write_tiny_reasoner
+from star_edge.export.tiny_reasoner import TinyDims, write_tiny_reasoner
 from star_edge.export.tiny_sam import TINY_SAM_CONFIG, make_tiny_sam, write_sam_dir
 
 
@@ -19,6 +19,7 @@ def make_tiny_bundle(
     seed: int = 0,
     family: str = "qwen2_5_vl",
     scripted_answers: list[str] | None = None,
+    dims: TinyDims = TinyDims(),
 ) -> Bundle:
     """Write a complete tiny bundle to `path` (created if absent); deterministic for a seed.
 
@@ -29,6 +30,7 @@ def make_tiny_bundle(
         scripted_answers: if given, the reasoner's weights are crafted so that it answers with
             these texts (greedy: the first; sampling: any of them). A test fixture: the model
             classes and code paths are real, the answers known in advance.
+        dims: the reasoner's sizes.
 
     Returns:
         The written bundle, verified by the runtime's reader.
@@ -36,7 +38,7 @@ def make_tiny_bundle(
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     reasoner = write_tiny_reasoner(root / "reasoner", seed=seed, family=family,
-                                   scripted_answers=scripted_answers)
+                                   scripted_answers=scripted_answers, dims=dims)
     reasoner = {**reasoner, "path": "reasoner"}
     sam_module, sam_config = make_tiny_sam(seed=seed)
     write_sam_dir(sam_module, sam_config, root / "sam")

@@ -15,6 +15,7 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from star_edge import __version__
@@ -46,14 +47,15 @@ def _reported_errors(debug: bool) -> Iterator[None]:
     except StarEdgeError as exc:
         if debug:
             raise
-        errors.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        errors.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except Exception as exc:  # a bug: still one line unless --debug
         if debug:
             raise
-        errors.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} (rerun with --debug)",
+        errors.print(f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc))} "
+                     "(rerun with --debug)",
                      markup=True, highlight=False)
         raise typer.Exit(1) from None
 
@@ -87,12 +89,13 @@ def segment(
     """Segment the objects QUERY refers to in IMAGE."""
     with _reported_errors(debug):
         from star_edge.images import load_image, validate_query
-        from star_edge.segmenter import Segmenter, check_samples, check_seed
+        from star_edge.segmenter import Segmenter, check_margin, check_samples, check_seed
 
         pixels = load_image(image)  # bad input fails before any model loads
         query = validate_query(query)
         check_samples(samples)
         check_seed(seed)
+        check_margin(margin)
         segmenter = Segmenter.from_pretrained(bundle, backend=backend, device=device)
         if not segmenter.bundle.trained:
             errors.print(f"note: bundle '{segmenter.bundle.name}' is untrained (weights from config); "
@@ -253,38 +256,70 @@ def data_synth(
 
 @app.command()
 def export(
-    out: Annotated[Path, typer.Option("--out", help="The bundle folder to write.")],
+    out: Annotated[Path, typer.Option("--out", help="The bundle folder to write (may be the --bundle folder).")],
+    bundle: Annotated[Optional[Path], typer.Option(
+        "--bundle", help="A bundle folder to export (default, without --base: the demo bundle).")] = None,
     base: Annotated[Optional[Path], typer.Option(
         "--base", help="Base Qwen2.5-VL / Qwen3-VL checkpoint folder (safetensors, tokenizer, processor).")] = None,
     adapter: Annotated[Optional[Path], typer.Option(
         "--adapter", help="LoRA adapter folder (peft: adapter_config.json + adapter_model.safetensors).")] = None,
     sam: Annotated[Optional[Path], typer.Option(
-        "--sam", help="A bundle's sam/ folder, or an official SAM .pth file.")] = None,
+        "--sam", help="A bundle's sam/ folder, an official SAM .pth or an official SAM 2.1 .pt file.")] = None,
     input_size: Annotated[Optional[int], typer.Option(
-        "--input-size", help="Square reasoner input in px (default 840 for Qwen2.5-VL, 832 for Qwen3-VL).")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens per answer.")] = 1024,
-    name: Annotated[Optional[str], typer.Option("--name", help="Bundle name (default: the adapter folder's).")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (the checkpoint's) | float32 | bfloat16 | float16")] = "auto",
+        "--input-size", help="With --base: square reasoner input in px (default 840 for Qwen2.5-VL, 832 for Qwen3-VL).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="With --base: most tokens per answer.")] = 1024,
+    name: Annotated[Optional[str], typer.Option("--name", help="With --base: bundle name (default: the adapter folder's).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="With --base: auto (the checkpoint's) | float32 | bfloat16 | float16")] = "auto",
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export the reasoner and SAM to ONNX (onnx/ in the bundle).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Add dynamic-int8 decoders to the ONNX export (implies --onnx).")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Add fp16 decoders, for GPUs, to the ONNX export (implies --onnx).")] = False,
+    tensorrt: Annotated[bool, typer.Option(
+        "--tensorrt", help="Build TensorRT engines for this GPU (needs CUDA, TensorRT 10; implies --onnx).")] = False,
+    engine_precision: Annotated[str, typer.Option(
+        "--engine-precision", help="With --tensorrt: fp16 | fp32 engines.")] = "fp16",
     debug: DebugOption = False,
 ) -> None:
-    """Write a bundle: a base checkpoint with a LoRA adapter merged in, plus a SAM model."""
+    """Write a bundle, from a bundle folder (the demo bundle by default) or from a base checkpoint with a
+    LoRA adapter merged in plus a SAM model; optionally with ONNX graphs and TensorRT engines. Rerunning
+    changes nothing."""
     with _reported_errors(debug):
         from star_edge.errors import InvalidInputError
 
-        if base is None or adapter is None or sam is None:
-            raise InvalidInputError("export needs --base, --adapter and --sam (exporting the default bundle "
-                                    "without them is not available yet)")
+        merged = (base, adapter, sam) != (None, None, None)
+        if merged and bundle is not None:
+            raise InvalidInputError("export takes --bundle or --base, --adapter and --sam, not both")
+        if merged and None in (base, adapter, sam):
+            raise InvalidInputError("--base, --adapter and --sam go together")
         if dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InvalidInputError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-        from star_edge.export.merge import write_merged_bundle
+        if tensorrt:  # fail before any slow step when TensorRT or CUDA is missing here
+            from star_edge.tensorrt_runtime import detect_platform
 
-        bundle, report = write_merged_bundle(base, adapter, out, sam, input_size=input_size,
-                                             max_new_tokens=max_new_tokens, name=name, dtype=dtype)
-        console.print(f"merged {report.lora_modules} LoRA modules into {report.family} ({report.dtype}): "
-                      f"max |merged - unmerged| {report.max_abs_diff:.2e} on logits up to "
-                      f"{report.max_abs_logit:.2f}; the adapter moves them by up to {report.adapter_effect:.2f}",
-                      highlight=False)
-        console.print(f"wrote bundle '{bundle.name}' to {bundle.root} ({len(bundle.files)} files)", highlight=False)
+            detect_platform("cuda")
+        from star_edge.export.bundle_export import export_bundle
+
+        def say(line: str) -> None:
+            console.print(line, highlight=False)
+
+        source = bundle
+        if merged:
+            from star_edge.export.merge import write_merged_bundle
+
+            written, report = write_merged_bundle(base, adapter, out, sam, input_size=input_size,
+                                                  max_new_tokens=max_new_tokens, name=name, dtype=dtype)
+            say(f"merged {report.lora_modules} LoRA modules into {report.family} ({report.dtype}): "
+                f"max |merged - unmerged| {report.max_abs_diff:.2e} on logits up to "
+                f"{report.max_abs_logit:.2f}; the adapter moves them by up to {report.adapter_effect:.2f}")
+            source = written.root
+        elif source is None:
+            from star_edge.defaults import ensure_default_bundle
+
+            source = ensure_default_bundle()
+        variants = ("fp32",) + (("int8",) if int8 else ()) + (("fp16",) if fp16 else ())
+        written = export_bundle(source, out, onnx=onnx or int8 or fp16, variants=variants, tensorrt=tensorrt,
+                                engine_precision=engine_precision, progress=say)
+        say(f"wrote bundle '{written.name}' to {written.root} ({len(written.files)} files with sha256; "
+            f"backends: {', '.join(written.backends)})")
 
 
 @app.command()

@@ -7,6 +7,7 @@ sample in one call -> mask-level majority voting (N > 1) -> Result.
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
@@ -64,7 +65,8 @@ class Segmenter:
     """Reasoning segmentation with one loaded bundle.
 
     Thread-safe: calls from several threads are serialised on one lock per Segmenter (the torch
-    backends are not re-entrant); results depend only on the inputs and the seed.
+    backends are not re-entrant); results depend only on the inputs and the seed. Torch work runs
+    on the intra-op thread count that the loading thread had, whichever thread calls.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class Segmenter:
         self.mask_decoder = mask_decoder
         self.vote_config = vote_config or VoteConfig()
         self._lock = threading.Lock()
+        self._torch_threads: int | None = None
 
     @classmethod
     def from_pretrained(
@@ -92,29 +95,61 @@ class Segmenter:
 
         Args:
             path: a bundle folder; None for the default bundle.
-            backend: "torch", "onnx" or "tensorrt" (the bundle must contain that backend's files).
-            device: "cpu", "cuda" or "cuda:N".
+            backend: "torch", "onnx" or "tensorrt" (the bundle must contain that backend's files;
+                for "tensorrt", engines built for this GPU and TensorRT version).
+            device: "cpu", "cuda" or "cuda:N" ("tensorrt" needs a CUDA device).
             vote_config: majority-voting knobs (defaults: the StAR reference values).
         """
         if backend not in ("torch", "onnx", "tensorrt"):
             raise InvalidInputError(f"backend must be 'torch', 'onnx' or 'tensorrt', got {backend!r}")
         _check_device_name(device)
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise InvalidInputError(f"path must be a bundle folder or None, got {type(path).__name__}")
         if path is None:
             from star_edge.defaults import ensure_default_bundle
 
             path = ensure_default_bundle()
         bundle = load_bundle(path)
+        if backend == "tensorrt":
+            return cls._load_tensorrt(bundle, device, vote_config)
         if backend not in bundle.backends:
             raise BackendUnavailableError(
                 f"bundle {bundle.root} has no {backend!r} files (it has: {', '.join(bundle.backends)}); "
                 f"use backend={bundle.backends[0]!r}"
             )
-        if backend != "torch":
-            raise BackendUnavailableError(f"the {backend!r} runtime is not available in this build")
+        if backend == "onnx":
+            return cls._load_onnx(bundle, device, vote_config)
         return cls._load_torch(bundle, device, vote_config)
 
     @classmethod
+    def _load_onnx(cls, bundle: Bundle, device: str, vote_config: VoteConfig | None) -> "Segmenter":
+        """The bundle's onnx/ graphs on onnxruntime (fp32 decoders); torch is never imported."""
+        from star_edge.reasoner.onnx_backend import OnnxReasoner
+        from star_edge.sam.onnx_backend import OnnxMaskDecoder
+
+        onnx_dir = bundle.root / "onnx"
+        reasoner = OnnxReasoner.from_dir(onnx_dir, bundle.reasoner_dir, bundle.manifest["reasoner"], device=device)
+        return cls(bundle, reasoner, OnnxMaskDecoder.from_dir(onnx_dir, device=device), vote_config)
+
+    @classmethod
+    def _load_tensorrt(cls, bundle: Bundle, device: str, vote_config: VoteConfig | None) -> "Segmenter":
+        """The bundle's engines for this GPU and TensorRT version (raises BackendUnavailableError,
+        naming what is missing, without TensorRT 10, torch with CUDA, or such engines)."""
+        from star_edge.reasoner.tensorrt_backend import tensorrt_reasoner
+        from star_edge.sam.tensorrt_backend import tensorrt_mask_decoder
+        from star_edge.tensorrt_runtime import detect_platform, engine_opener, select_engines
+
+        platform = detect_platform(device)
+        engines = select_engines(bundle, platform)
+        open_engine = engine_opener(bundle, engines, platform)
+        onnx_dir = bundle.root / "onnx"
+        reasoner = tensorrt_reasoner(onnx_dir, bundle.reasoner_dir, bundle.manifest["reasoner"], open_engine)
+        return cls(bundle, reasoner, tensorrt_mask_decoder(onnx_dir, open_engine, engines.max_prompts), vote_config)
+
+    @classmethod
     def _load_torch(cls, bundle: Bundle, device: str, vote_config: VoteConfig | None) -> "Segmenter":
+        import torch
+
         from star_edge.reasoner.torch_backend import TorchReasoner
         from star_edge.sam.torch_backend import MaskDecoder
 
@@ -122,7 +157,9 @@ class Segmenter:
         reasoner_manifest = bundle.manifest["reasoner"]
         reasoner = TorchReasoner.from_dir(bundle.reasoner_dir, reasoner_manifest, device=device)
         mask_decoder = MaskDecoder.from_dir(bundle.sam_dir, device=device)
-        return cls(bundle, reasoner, mask_decoder, vote_config)
+        segmenter = cls(bundle, reasoner, mask_decoder, vote_config)
+        segmenter._torch_threads = torch.get_num_threads()
+        return segmenter
 
     def segment(
         self,
@@ -161,11 +198,12 @@ class Segmenter:
         seed = check_seed(seed)
         if not isinstance(adaptive, bool):
             raise InvalidInputError(f"adaptive must be a bool, got {type(adaptive).__name__}")
-        margin = _check_margin(margin)
+        margin = check_margin(margin)
         if adaptive and samples > 1:
             return self._segment_adaptive(started, pixels, query, samples, seed, margin)
         timings: dict[str, float] = {}
         with self._lock:
+            self._pin_threads()
             generated = self.reasoner.generate(Image.fromarray(pixels), query, n=samples, seed=seed)
             timings.update(generated.timings)
             finish_order = sorted(range(len(generated.texts)),
@@ -200,6 +238,7 @@ class Segmenter:
         """`segment` with adaptive=True (see there)."""
         seed = secrets.randbits(63) if seed is None else seed
         with self._lock:
+            self._pin_threads()
             prepared = self.reasoner.prefill(Image.fromarray(pixels), query)
             begin = time.perf_counter()
             embedding = self.mask_decoder.embed(pixels)
@@ -215,6 +254,16 @@ class Segmenter:
         timings["vote"] += _ms_since(begin)
         timings["total"] = _ms_since(started)
         return Result(query=query, image=pixels, objects=objects, mask=mask, samples=vote.parsed, timings=timings)
+
+    def _pin_threads(self) -> None:
+        """Set torch's intra-op thread count for the calling thread to the one the Segmenter was
+        loaded with. OpenMP keeps the count per thread, and Numba's parallel kernels (voting) set it
+        to Numba's own, so a call's floating-point results would otherwise depend on which thread
+        calls and on what that thread ran before."""
+        if self._torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
 
     def _parse_all(self, texts: list[str], pixels: np.ndarray) -> list[Sample]:
         spec = self.bundle.reasoner
@@ -309,6 +358,7 @@ class _StreamingVote:
                                   slack=left if self._margin is None else min(self._margin, left),
                                   config=self._segmenter.vote_config)
         self.timings["vote"] += _ms_since(begin)
+        self._segmenter._pin_threads()  # the rest of the call decodes on the Segmenter's threads
         return settled
 
 
@@ -358,7 +408,7 @@ def check_samples(samples: object) -> int:
     return int(samples)
 
 
-def _check_margin(margin: object) -> int | None:
+def check_margin(margin: object) -> int | None:
     """Return `margin` (None or a non-negative int), or raise InvalidInputError."""
     if margin is None:
         return None

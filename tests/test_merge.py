@@ -166,5 +166,5 @@ def test_export_defaults_and_errors(checkpoints, sam_folder, tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "star_edge.export.sam_checkpoints", None)  # as if the converter were absent
     with pytest.raises(BundleError, match="sam_checkpoints"):
         write_merged_bundle(base, adapter, tmp_path / "pth", checkpoint)
-    result = CliRunner().invoke(app, ["export", "--out", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "--base, --adapter and --sam" in result.stderr
+    result = CliRunner().invoke(app, ["export", "--out", str(tmp_path / "x"), "--base", str(base)])
+    assert result.exit_code == 2 and "--base, --adapter and --sam go together" in result.stderr

@@ -24,7 +24,7 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 
 from sam_reference import mask_iou, natural_image, noisy_tiny_sam, photo, random_prompts
-from star_edge.errors import BundleError, InvalidInputError
+from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
 from star_edge.export.sam_checkpoints import detect_sam2_variant, import_official_sam
 from star_edge.sam import MaskDecoder, load_sam
 from star_edge.sam.checkpoints import read_sam_config
@@ -320,6 +320,14 @@ def test_export_accepts_a_sam2_pt_file(checkpoint: Path, tmp_path: Path) -> None
     section = _sam_section(checkpoint, tmp_path / "sam")
     assert section == {"kind": "sam2", "variant": "hiera_tiny", "path": "sam", "image_size": 1024}
     assert read_sam_config(tmp_path / "sam") == SAM2_CONFIGS["hiera_tiny"]
+
+
+def test_onnx_export_of_a_sam2_folder_says_it_is_not_available(sam_dir: Path, tmp_path: Path) -> None:
+    from star_edge.export.sam_onnx import export_sam_onnx
+
+    with pytest.raises(BackendUnavailableError, match="SAM 1 models only.*sam2 model .hiera_tiny."):
+        export_sam_onnx(sam_dir, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
 
 
 @pytest.mark.parametrize("cut", [0.0, 0.5, 0.99])

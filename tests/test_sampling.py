@@ -1,6 +1,7 @@
-"""The shared-prefill decoder (star_edge/reasoner/sampling.py) against independent references:
-Hugging Face `generate` for greedy decoding, and a row-by-row sampler written here (batch 1, the
-model's own position ids, the documented seeding scheme) for sampled rows."""
+"""The shared-prefill decoder (star_edge/reasoner/sampling.py, drawing with reasoner/decoding.py)
+against independent references: Hugging Face `generate` for greedy decoding, and a row-by-row
+sampler written here with torch (batch 1, the model's own position ids, the documented seeding
+scheme, torch's own generator) for sampled rows."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from star_edge.errors import InvalidInputError
 from star_edge.export.tiny_reasoner import write_tiny_reasoner
-from star_edge.reasoner import sampling
+from star_edge.reasoner import decoding
 from star_edge.reasoner.torch_backend import TorchReasoner
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
@@ -164,10 +165,8 @@ def test_rows_depend_only_on_seed_and_row(reasoners, family):
 
 
 def test_seeding_scheme_and_the_global_generator(reasoners):
-    assert sampling.row_seed(7, 3) == _documented_row_seed(7, 3)
-    assert 0 <= sampling.row_seed(2**63 - 1, 63) < 2**64
-    first = torch.rand(4, generator=sampling.row_generator(7, 3))
-    assert torch.equal(first, torch.rand(4, generator=torch.Generator().manual_seed(_documented_row_seed(7, 3))))
+    assert decoding.row_seed(7, 3) == _documented_row_seed(7, 3)
+    assert 0 <= decoding.row_seed(2**63 - 1, 63) < 2**64
     reasoner = reasoners["qwen3_vl"]
     state = torch.get_rng_state()
     unseeded = [reasoner.generate(IMAGES[0], QUERIES[0], n=2).token_ids for _ in range(2)]
@@ -175,16 +174,35 @@ def test_seeding_scheme_and_the_global_generator(reasoners):
     assert unseeded[0] != unseeded[1], "seed=None draws a fresh seed per call"
 
 
+@pytest.mark.parametrize(("seed", "row"), [(7, 3), (0, 0), (2**63 - 1, 63), (12345, 7)])
+def test_row_streams_draw_what_torch_generators_draw(seed, row):
+    generator = torch.Generator().manual_seed(_documented_row_seed(seed, row))
+    expected = [float(torch.rand(1, generator=generator)) for _ in range(500)]
+    stream = decoding.RowStream(seed, row)
+    found = [stream.uniform() for _ in range(500)]
+    assert all(isinstance(value, np.float32) for value in found)
+    assert np.array_equal(np.array(found), np.array(expected, dtype=np.float32))
+
+
 def test_top_p_keeps_the_tokens_hf_top_p_warper_keeps():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 300, generator=generator) * torch.linspace(0.5, 6.0, 64)[:, None]
     theirs = torch.isfinite(TopPLogitsWarper(top_p=0.9)(torch.zeros(64, 1, dtype=torch.long), logits.clone()))
-    order, _, kept = sampling.nucleus(logits, 1.0, 0.9)
+    probs = decoding.softmax(logits.numpy(), 1.0)
+    nuclei = [decoding.row_nucleus(row, 0.9)[0] for row in probs]
     ours = torch.zeros_like(theirs)
-    for row in range(64):
-        ours[row, order[row, : int(kept[row])]] = True
-    assert 1 < int(kept.max()) and int(kept.min()) == 1
+    for row, tokens in enumerate(nuclei):
+        ours[row, torch.from_numpy(tokens)] = True
+    sizes = [len(tokens) for tokens in nuclei]
+    assert max(sizes) > decoding._FIRST_CANDIDATES and min(sizes) == 1, "small and grown candidate sets"
     assert torch.equal(ours, theirs)
+
+
+def test_the_nucleus_ranks_ties_by_token_id():
+    probs = np.full(300, 1 / 300, dtype=np.float32)
+    tokens, cumulative = decoding.row_nucleus(probs, 0.5)
+    assert tokens.tolist() == list(range(len(tokens))) and 140 < len(tokens) < 160
+    assert cumulative[-1] - probs[0] < 0.5 <= cumulative[-1] + 1e-6
 
 
 def test_inverse_cdf_draws_the_renormalised_nucleus():
@@ -192,11 +210,11 @@ def test_inverse_cdf_draws_the_renormalised_nucleus():
     logits = probs.log()[None, :]
     draws = 4000
     uniforms = (torch.arange(draws, dtype=torch.float32) + 0.5) / draws
-    tokens = sampling.sample_tokens(logits.expand(draws, -1), uniforms, 1.0, 0.9)
+    tokens = torch.from_numpy(decoding.sample_tokens(logits.expand(draws, -1).numpy(), uniforms.numpy(), 1.0, 0.9))
     frequencies = torch.bincount(tokens, minlength=6).float() / draws
     nucleus = torch.tensor([0.0, 0.4, 0.0, 0.25, 0.2, 0.08])  # 0.4 + 0.25 + 0.2 = 0.85 < 0.9: 0.08 joins
     torch.testing.assert_close(frequencies, nucleus / nucleus.sum(), atol=1.0 / draws, rtol=0)
-    hot = sampling.sample_tokens(logits.expand(draws, -1), uniforms, 0.1, 0.9)
+    hot = decoding.sample_tokens(logits.expand(draws, -1).numpy(), uniforms.numpy(), 0.1, 0.9)
     assert set(hot.tolist()) == {1}, "temperature 0.1 puts > 0.9 of the mass on the top token"
     assert math.isclose(float((tokens == 1).float().mean()), 0.4 / 0.93, abs_tol=1e-3)
 

@@ -22,93 +22,30 @@ prompt, so they share their positions and the one rope delta: dropping finished 
 others' positions untouched. Greedy decoding (`greedy=True`, one row) therefore reproduces
 `model.generate(**inputs, do_sample=False)` token for token.
 
-Sampling (`greedy=False`), per row and step, in float32:
-    p = softmax(logits / temperature); sort p descending (stable: ties keep the lower token id first);
-    keep the sorted prefix whose mass *before* each token is < top_p (the smallest set with mass >=
-    top_p; the top token is always kept); draw u ~ U[0, 1) from the row's generator; take the first
-    kept token whose cumulative mass exceeds u * (kept mass).
-This keeps the same tokens as Hugging Face's `TopPLogitsWarper` (it drops the tokens whose ascending
-cumulative mass is <= 1 - top_p, i.e. whose descending mass before them is >= top_p) up to rounding
-at the boundary; top-k is off. Each step draws exactly one uniform per unfinished row.
-
-Seeding. Row i of a call with seed s draws from its own CPU `torch.Generator` seeded with
-`row_seed(s, i)` = the first 8 bytes (little-endian) of sha256(b"star-edge/row/<s>/<i>"). A row's
-tokens therefore depend only on (model, prompt, s, i): not on N, on which other rows are decoded with
-it, on thread interleaving, or on torch's global generator (never touched). (The one caveat is
-floating point: kernels may round a row's logits differently at another batch size, which could move
-a draw that falls within rounding of a boundary; the tests see none on CPU.) Uniforms are drawn on
-the CPU and moved to the model's device.
+Token selection, per-row seeding and the bookkeeping of finished rows are backend-neutral and live
+in `reasoner.decoding` (numpy), shared with the ONNX backend: for the same logits, both draw the
+same tokens. (The one caveat is floating point: kernels may round a row's logits differently at
+another batch size, which could move a draw that falls within rounding of a boundary; the tests see
+none on CPU.)
 """
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedConfig, PreTrainedModel
 
-#: StAR's sampling settings.
-SAMPLING_TEMPERATURE = 1.0
-SAMPLING_TOP_P = 0.9
-
-
-def row_seed(seed: int, row: int) -> int:
-    """The seed of row `row` of a call seeded with `seed`: a 64-bit unsigned int (see the module doc)."""
-    digest = hashlib.sha256(f"star-edge/row/{seed}/{row}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
-def row_generator(seed: int, row: int) -> torch.Generator:
-    """A CPU generator for row `row` of a call seeded with `seed`."""
-    return torch.Generator().manual_seed(row_seed(seed, row))
-
-
-def fresh_seed() -> int:
-    """A random seed in [0, 2**63) from the operating system (for calls made with seed=None)."""
-    return secrets.randbits(63)
-
-
-def nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The top-p nucleus of each row (see the module doc for the rule).
-
-    Args:
-        logits: (B, V) float32.
-        temperature: > 0; the logits are divided by it.
-        top_p: in (0, 1]; 1 keeps every token.
-
-    Returns:
-        order (B, V) int64: token ids by descending probability (ties: lower id first);
-        cumulative (B, V) float32: the probability mass up to and including each ranked token;
-        kept (B, 1) int64 >= 1: the nucleus is the first `kept` tokens of `order`.
-    """
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    cumulative = sorted_probs.cumsum(dim=-1)
-    kept = ((cumulative - sorted_probs) < top_p).sum(dim=-1, keepdim=True)
-    return order, cumulative, kept
-
-
-def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Nucleus sampling by inverse CDF, one token per row: the first nucleus token whose cumulative
-    mass exceeds u * (nucleus mass).
-
-    Args:
-        logits: (B, V) float32.
-        uniforms: (B,) float32 in [0, 1), on the device of `logits`: one draw per row.
-        temperature: > 0; the logits are divided by it.
-        top_p: in (0, 1]; 1 keeps every token.
-
-    Returns:
-        (B,) int64 token ids.
-    """
-    order, cumulative, kept = nucleus(logits, temperature, top_p)
-    kept_mass = cumulative.gather(-1, kept - 1)
-    index = torch.searchsorted(cumulative, uniforms[:, None] * kept_mass, right=True)
-    return order.gather(-1, torch.minimum(index, kept - 1))[:, 0]
+from star_edge.reasoner.decoding import (
+    SAMPLING_TEMPERATURE,
+    SAMPLING_TOP_P,
+    Decoded,
+    FinishedHook,
+    decode_rows,
+)
 
 
 @dataclass
@@ -237,29 +174,6 @@ def decode_step(model: PreTrainedModel, cache: DynamicCache, tokens: torch.Tenso
     return output.logits[:, -1, :].to(dtype=torch.float32)
 
 
-#: `decode`'s hook: called with the rows that finished at a step, as (index into `rows`, token ids)
-#: in index order; returns True to stop decoding the rows still running.
-FinishedHook = Callable[[list[tuple[int, list[int]]]], bool]
-
-
-@dataclass
-class Decoded:
-    """The rows of one `decode` call.
-
-    Attributes:
-        token_ids: per requested row, the generated ids up to and including its end token (when one
-            came before max_new_tokens); partial for rows stopped by the hook.
-        finished: per requested row, whether it completed (end token or max_new_tokens).
-        decode_ms: wall time of the decoding loop, cache copy and hook calls included (ms).
-        steps: forward passes run (batched steps; the first token comes from the prefill's logits).
-    """
-
-    token_ids: list[list[int]]
-    finished: list[bool]
-    decode_ms: float
-    steps: int
-
-
 @torch.inference_mode()
 def decode(
     model: PreTrainedModel,
@@ -275,67 +189,22 @@ def decode(
 ) -> Decoded:
     """Decode `rows` of the seeded sample stream from one prefilled prompt, in one batch.
 
-    Args:
-        model: the model that made `state`.
-        state: the prompt's Prefill (not modified).
-        rows: the row indices to draw, e.g. range(8), or range(4, 8) for a second round; each row's
-            answer depends only on (seed, row). With greedy=True, the rows are ignored for drawing
-            (every row is the greedy answer), so pass one.
-        seed: the call's seed; None draws a fresh one. Ignored when greedy.
-        eos_token_ids: ids that end an answer (kept as its last token).
-        max_new_tokens: the most tokens per answer.
-        greedy: argmax decoding instead of sampling.
-        temperature: sampling temperature (> 0).
-        top_p: nucleus mass in (0, 1].
-        on_finished: called after each step at which rows finished (see FinishedHook); when it
-            returns True, the rows still running are abandoned.
-
-    Returns:
-        Decoded with one token list per requested row, in the order of `rows`.
+    The cache is copied to the rows at the first step and shrinks as rows finish; the prefill is
+    not modified. Arguments and result as `decoding.decode_rows` (which draws the tokens).
     """
     device = model.device
-    start = _now(device)
-    count = len(rows)
-    results: list[list[int]] = [[] for _ in range(count)]
-    completed = [False] * count
-    if count == 0:
-        return Decoded(results, completed, 0.0, 0)
-    if seed is None:
-        seed = fresh_seed()
-    generators = [] if greedy else [row_generator(seed, row) for row in rows]
-    active = list(range(count))  # result index of each batch row
-    end_ids = set(eos_token_ids)
-    logits = state.logits.expand(count, -1)
-    cache = None
+    cache: DynamicCache | None = None
     position = state.last_position
-    steps = 0
-    for step in range(max_new_tokens):
-        if greedy:
-            tokens = logits.argmax(dim=-1)
-        else:
-            uniforms = torch.cat([torch.rand(1, generator=generator) for generator in generators]).to(device)
-            tokens = sample_tokens(logits, uniforms, temperature, top_p)
-        last_step = step == max_new_tokens - 1
-        finished = set()
-        for batch_row, token in enumerate(tokens.tolist()):
-            results[active[batch_row]].append(token)
-            if token in end_ids or last_step:
-                finished.add(batch_row)
-                completed[active[batch_row]] = True
-        stop = bool(finished) and on_finished is not None and on_finished(
-            [(active[b], results[active[b]]) for b in sorted(finished)])
-        if stop or len(finished) == len(active):
-            break
+
+    def step(tokens: np.ndarray, kept: np.ndarray | None) -> np.ndarray:
+        nonlocal cache, position
         if cache is None:
-            cache = copy_rows(state.cache, len(active), model.config)
-        if finished:
-            keep = [b for b in range(len(active)) if b not in finished]
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            tokens = tokens[index]
-            active = [active[b] for b in keep]
-            generators = [generators[b] for b in keep] if generators else generators
+            cache = copy_rows(state.cache, len(tokens), model.config)
+        elif kept is not None:
+            cache.batch_select_indices(torch.from_numpy(kept).to(device))
         position = position + 1
-        logits = decode_step(model, cache, tokens, position)
-        steps += 1
-    return Decoded(results, completed, (_now(device) - start) * 1e3, steps)
+        logits = decode_step(model, cache, torch.from_numpy(tokens).to(device), position)
+        return logits.cpu().numpy()
+
+    return decode_rows(state.logits.cpu().numpy(), step, rows, seed, eos_token_ids, max_new_tokens,
+                       greedy=greedy, temperature=temperature, top_p=top_p, on_finished=on_finished)

@@ -45,7 +45,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
-from star_edge.reasoner import ReasonerOutput, sampling
+from star_edge.reasoner import ReasonerOutput, decoding, sampling
 from star_edge.reasoner.prompts import FRAMES, PROMPT_TEMPLATES, build_messages
 
 logger = logging.getLogger(__name__)
@@ -343,9 +343,8 @@ class TorchReasoner:
         Raises:
             InvalidInputError: bad rows or seed.
         """
-        rows = _checked_rows(rows)
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-            raise InvalidInputError(f"seed must be a non-negative integer or None, got {seed!r}")
+        rows = decoding.checked_rows(rows)
+        decoding.check_seed(seed)
         return self._decode(prepared, rows, seed, greedy=False, on_finished=on_finished)
 
     def generate(self, image: PIL.Image.Image, query: str, n: int = 1, seed: int | None = None) -> ReasonerOutput:
@@ -388,11 +387,6 @@ class TorchReasoner:
         on_finished: Callable[[list[tuple[int, str]]], bool] | None = None,
     ) -> ReasonerOutput:
         state = prepared.state
-        hook = None
-        if on_finished is not None:
-            def hook(done: list[tuple[int, list[int]]]) -> bool:
-                return on_finished([(rows[index], self._text(ids)) for index, ids in done])
-
         with self._lock:
             decoded = sampling.decode(
                 self.model,
@@ -402,18 +396,9 @@ class TorchReasoner:
                 eos_token_ids=self.model.generation_config.eos_token_id,
                 max_new_tokens=self.max_new_tokens,
                 greedy=greedy,
-                on_finished=hook,
+                on_finished=decoding.text_hook(on_finished, rows, self._text),
             )
-        kept = [index for index, done in enumerate(decoded.finished) if done]
-        token_ids = [decoded.token_ids[index] for index in kept]
-        counts = {
-            "prompt": state.prompt_length,
-            "image": state.image_tokens,
-            "generated": sum(map(len, decoded.token_ids)),
-        }
-        return ReasonerOutput(texts=[self._text(ids) for ids in token_ids], token_ids=token_ids,
-                              timings={"decode": decoded.decode_ms}, token_counts=counts,
-                              rows=[rows[index] for index in kept])
+        return decoding.reasoner_output(decoded, rows, self._text, state.prompt_length, state.image_tokens)
 
     def _text(self, token_ids: list[int]) -> str:
         """An answer's text: special tokens (the end token) removed, spaces as generated."""
@@ -432,15 +417,3 @@ class PreparedPrompt:
     state: sampling.Prefill
     timings: dict[str, float]
 
-
-def _checked_rows(rows: Sequence[int]) -> list[int]:
-    """`rows` as a list of distinct non-negative ints, or InvalidInputError."""
-    try:
-        checked = list(rows)
-    except TypeError:
-        raise InvalidInputError(f"rows must be a sequence of row indices, got {rows!r}") from None
-    if not all(isinstance(row, int) and not isinstance(row, bool) and row >= 0 for row in checked):
-        raise InvalidInputError(f"rows must be non-negative integers, got {checked!r}")
-    if len(set(checked)) != len(checked):
-        raise InvalidInputError(f"rows must be distinct, got {checked!r}")
-    return checked

@@ -1,10 +1,12 @@
-"""SAM on onnxruntime: the same `embed` / `decode` interface as the torch backend, without torch.
+"""SAM on its exported graphs: the same `embed` / `decode` interface as the torch backend, without torch.
 
-Reads a bundle's onnx/ folder as `star_edge.export.sam_onnx` writes it: the graphs and
-`sam_onnx.json`, which describes them (files, input and output names, dtypes, shapes with their
-dynamic axes named) and the SAM settings the pre- and post-processing need. Everything around the
-graphs is numpy: resizing, normalising and padding the image (`inputs`), prompts as labelled
-points (`inputs`), choosing the best output and upsampling it to the original pixels (`masks`).
+The graphs run on onnxruntime sessions by default; the TensorRT backend (`sam.tensorrt_backend`)
+passes sessions of the engines built from the same graphs. Reads a bundle's onnx/ folder as
+`star_edge.export.sam_onnx` writes it: the graphs and `sam_onnx.json`, which describes them (files,
+input and output names, dtypes, shapes with their dynamic axes named) and the SAM settings the pre-
+and post-processing need. Everything around the graphs is numpy: resizing, normalising and padding
+the image (`inputs`), prompts as labelled points (`inputs`), choosing the best output and upsampling
+it to the original pixels (`masks`).
 
 Description (format_version 1)::
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
+from star_edge.onnx_providers import execution_providers
 from star_edge.sam.cache import EmbeddingCache
 from star_edge.sam.inputs import check_image, check_prompts, encoder_input, labelled_points
 from star_edge.sam.masks import best_outputs, upsample_masks, upsampling_matrices
@@ -82,6 +86,40 @@ def read_description(onnx_dir: str | Path) -> dict[str, Any]:
     return description
 
 
+#: Opens the graph file at a path as a session: `run(output_names, feeds) -> list[np.ndarray]`,
+#: `get_inputs()` and `get_outputs()` (objects with `.name`), as onnxruntime's InferenceSession.
+SessionOpener = Callable[[Path], Any]
+
+
+def onnxruntime_sessions(device: str, threads: int | None) -> SessionOpener:
+    """A SessionOpener of onnxruntime InferenceSessions on `device` ("cpu" or "cuda[:N]") with
+    `threads` intra-op threads (None: onnxruntime's default).
+
+    Raises:
+        BackendUnavailableError: onnxruntime (or its CUDA provider, for device="cuda") missing.
+        InvalidInputError: a bad device name.
+    """
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "onnxruntime is not installed; install it with: pip install 'star-edge[onnx]'"
+        ) from exc
+    providers = execution_providers(device)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: no notes on skipped constant folding
+    if threads is not None:
+        options.intra_op_num_threads = threads
+
+    def open_session(path: Path) -> Any:
+        try:
+            return onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise BundleError(f"{path} is not a loadable ONNX graph: {exc}") from exc
+
+    return open_session
+
+
 def _graph_file(folder: Path, graph: dict[str, Any]) -> Path:
     """The path of a described graph, which must exist."""
     path = folder / str(graph.get("file", ""))
@@ -90,29 +128,13 @@ def _graph_file(folder: Path, graph: dict[str, Any]) -> Path:
     return path
 
 
-def _providers(device: str) -> list[Any]:
-    """onnxruntime execution providers for "cpu" or "cuda[:N]"."""
-    import onnxruntime
-
-    name, _, index = device.partition(":")
-    if name == "cpu" and not index:
-        return ["CPUExecutionProvider"]
-    if name == "cuda" and (not index or index.isdigit()):
-        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            raise BackendUnavailableError(
-                f"device {device!r} needs onnxruntime's CUDA execution provider, which this "
-                "onnxruntime build lacks; install onnxruntime-gpu or use device='cpu'"
-            )
-        return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
-    raise InvalidInputError(f"device must be 'cpu' or 'cuda[:index]', got {device!r}")
-
-
 class OnnxMaskDecoder:
-    """SAM image encoder + prompt decoder on onnxruntime (`embed` once, `decode` many prompts).
+    """SAM image encoder + prompt decoder on its exported graphs (`embed` once, `decode` many prompts).
 
     Embeddings are cached by image content (bounded LRU, `cache_size` entries of C * h * w * 4
     bytes each: 4 MiB for the official models). onnxruntime sessions may be run from several
-    threads at once, so one instance may serve several threads.
+    threads at once (the TensorRT sessions serialise their runs), so one instance may serve
+    several threads.
     """
 
     def __init__(
@@ -123,6 +145,7 @@ class OnnxMaskDecoder:
         cache_size: int = DEFAULT_CACHE_SIZE,
         max_batch: int = 8,
         threads: int | None = None,
+        open_session: SessionOpener | None = None,
     ) -> None:
         """Open the decoder graph of an exported onnx/ folder; the encoder graph opens on the
         first `embed` (a decoder that only decodes given embeddings never holds it).
@@ -132,6 +155,8 @@ class OnnxMaskDecoder:
             `available_variants`.
         max_batch: prompts per decoder run (bounds the session's working memory).
         threads: onnxruntime intra-op threads; None: its default (one per physical core).
+        open_session: opens a graph file as a session; None: `onnxruntime_sessions(device,
+            threads)`. The TensorRT backend passes one that opens the graph's engine.
 
         Raises:
             BundleError: description or graph files missing or unreadable, naming the file.
@@ -139,12 +164,6 @@ class OnnxMaskDecoder:
                 not installed.
             InvalidInputError: bad device, variant, cache_size, max_batch or threads.
         """
-        try:
-            import onnxruntime
-        except ImportError as exc:
-            raise BackendUnavailableError(
-                "onnxruntime is not installed; install it with: pip install 'star-edge[onnx]'"
-            ) from exc
         given_threads = 1 if threads is None else threads
         for name, value in (("max_batch", max_batch), ("threads", given_threads)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -159,11 +178,7 @@ class OnnxMaskDecoder:
             message = f"decoder_variant must be one of {exported}, got {decoder_variant!r}"
             raise InvalidInputError(message)
         self._sam = description["sam"]
-        self._providers = _providers(device)
-        self._options = onnxruntime.SessionOptions()
-        self._options.log_severity_level = 3  # errors only: no notes on skipped constant folding
-        if threads is not None:
-            self._options.intra_op_num_threads = threads
+        self._open_session = open_session or onnxruntime_sessions(device, threads)
         self._encoder_graph = description["encoder"]
         _graph_file(self._folder, self._encoder_graph)
         self._encoder: tuple | None = None
@@ -172,16 +187,9 @@ class OnnxMaskDecoder:
         self.decoder_variant = decoder_variant
 
     def _open(self, graph: dict[str, Any]) -> tuple:
-        """An InferenceSession for one described graph and its (input names, output names)."""
-        import onnxruntime
-
+        """A session for one described graph and its (input names, output names)."""
         path = _graph_file(self._folder, graph)
-        try:
-            session = onnxruntime.InferenceSession(
-                str(path), sess_options=self._options, providers=self._providers
-            )
-        except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise BundleError(f"{path} is not a loadable ONNX graph: {exc}") from exc
+        session = self._open_session(path)
         names = ([t["name"] for t in graph["inputs"]], [t["name"] for t in graph["outputs"]])
         found = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
         if sorted(names[0]) != sorted(found[0]) or sorted(names[1]) != sorted(found[1]):
@@ -197,9 +205,10 @@ class OnnxMaskDecoder:
         cache_size: int = DEFAULT_CACHE_SIZE,
         max_batch: int = 8,
         threads: int | None = None,
+        open_session: SessionOpener | None = None,
     ) -> OnnxMaskDecoder:
         """Open a bundle's onnx/ folder (see the class and module docstrings)."""
-        return cls(onnx_dir, device, decoder_variant, cache_size, max_batch, threads)
+        return cls(onnx_dir, device, decoder_variant, cache_size, max_batch, threads, open_session)
 
     @staticmethod
     def available_variants(onnx_dir: str | Path) -> list[str]:
