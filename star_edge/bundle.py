@@ -117,17 +117,22 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"bundle folder not found: {root}")
     manifest = _read_manifest(root / MANIFEST_NAME)
     bundle = _parse_manifest(root, manifest)
+    _refuse_pickle_files(bundle)
     if verify:
         verify_files(bundle)
     return bundle
 
 
 def verify_files(bundle: Bundle) -> None:
-    """Check that every file the manifest lists exists with the listed size and sha256."""
+    """Check that every file the manifest lists exists inside the bundle folder (symbolic links
+    included) with the listed size and sha256."""
+    root = bundle.root.resolve()
     for relative, entry in bundle.files.items():
         file = bundle.root / relative
         if not file.is_file():
             raise BundleError(f"{file}: listed in {MANIFEST_NAME} but missing")
+        if not file.resolve().is_relative_to(root):
+            raise BundleError(f"{file}: a symbolic link to {file.resolve()}, outside the bundle folder")
         size = file.stat().st_size
         if size != entry.size:
             raise BundleError(
@@ -164,6 +169,8 @@ def check_relative_path(relative: str, where: str) -> str:
     if not isinstance(relative, str) or not relative:
         raise BundleError(f"{where}: expected a relative path, got {relative!r}")
     posix = PurePosixPath(relative.replace("\\", "/"))
+    if not posix.parts:
+        raise BundleError(f"{where}: path {relative!r} names the bundle folder itself")
     if posix.is_absolute() or relative.startswith(("/", "\\")) or ":" in posix.parts[0]:
         raise BundleError(f"{where}: absolute path {relative!r} is not allowed in a bundle")
     if ".." in posix.parts:
@@ -176,14 +183,14 @@ def _read_manifest(file: Path) -> dict[str, Any]:
         raise BundleError(f"{file}: manifest missing (is this a star-edge bundle folder?)")
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BundleError(f"{file}: unreadable manifest ({exc})") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{file}: manifest must be a JSON object")
     if manifest.get("format") != FORMAT_NAME:
         raise BundleError(f"{file}: 'format' must be {FORMAT_NAME!r}, got {manifest.get('format')!r}")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # true and 1.0 are not versions
         raise BundleError(
             f"{file}: format_version {version!r} is not supported by this star-edge "
             f"(expected {FORMAT_VERSION}); upgrade star-edge or re-export the bundle"
@@ -245,6 +252,16 @@ def _parse_files(files: object, where: str) -> dict[str, FileEntry]:
             raise BundleError(f"{where}: files[{relative!r}] must be {{'sha256': 64 hex chars, 'bytes': int}}")
         parsed[safe] = FileEntry(sha256=entry["sha256"].lower(), size=entry["bytes"])
     return parsed
+
+
+def _refuse_pickle_files(bundle: Bundle) -> None:
+    """Raise BundleError for any pickle-based file in the folders the runtime reads, listed in the
+    manifest or not (the rule `star_edge.export.bundle_writer` applies when writing)."""
+    folders = [bundle.reasoner.path, bundle.sam.path] + [b for b in bundle.backends if b != "torch"]
+    for folder in folders:
+        for file in (bundle.root / folder).rglob("*"):
+            if file.name.lower().endswith(PICKLE_SUFFIXES):
+                raise BundleError(f"{file}: a pickle-based file in the bundle; bundles hold safetensors only")
 
 
 def _section(manifest: dict[str, Any], key: str, where: str) -> dict[str, Any]:

@@ -27,6 +27,10 @@ MIN_SIDE = 2
 MAX_QUERY_CHARS = 2000
 """Longest accepted query, in characters after stripping surrounding whitespace."""
 
+READABLE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "TGA", "ICO", "JPEG2000", "QOI")
+"""The PIL formats read from files (those this Pillow build registers). Others are refused unopened:
+some PIL plugins hand the file to an outside program (EPS runs Ghostscript)."""
+
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
@@ -37,8 +41,9 @@ def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     applied; alpha is dropped.
 
     Args:
-        image: a file path, a PIL image, or a numpy array: (H, W, 3) uint8 RGB, (H, W, 4) uint8
-            RGBA, (H, W) or (H, W, 1) uint8 grayscale, or the same layouts in uint16.
+        image: a file path (a format of READABLE_FORMATS), a PIL image, or a numpy array: (H, W, 3)
+            uint8 RGB, (H, W, 4) uint8 RGBA, (H, W) or (H, W, 1) uint8 grayscale, or the same
+            layouts in uint16.
         max_pixels: refuse images with more than this many pixels (decompression bombs).
 
     Returns:
@@ -48,7 +53,12 @@ def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         return _from_array(image, max_pixels)
     if isinstance(image, Image.Image):
         _check_size(image.size, max_pixels, "image")
-        return _from_pil(image)
+        try:
+            return _from_pil(image)
+        except InvalidInputError:
+            raise
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InvalidInputError(f"cannot read the PIL image (mode {image.mode!r}): {exc}") from None
     if isinstance(image, (str, os.PathLike)):
         return _from_path(Path(image), max_pixels)
     raise InvalidInputError(
@@ -62,6 +72,10 @@ def validate_query(query: object, max_chars: int = MAX_QUERY_CHARS) -> str:
         raise InvalidInputError(f"query must be a string, got {type(query).__name__}")
     if "\x00" in query:
         raise InvalidInputError("query contains a NUL character")
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a bad decode upstream
+        raise InvalidInputError(f"query is not valid Unicode text: {exc.reason} at {exc.start}") from None
     stripped = query.strip()
     if not stripped:
         raise InvalidInputError("query is empty")
@@ -71,16 +85,11 @@ def validate_query(query: object, max_chars: int = MAX_QUERY_CHARS) -> str:
 
 
 def _from_path(path: Path, max_pixels: int) -> np.ndarray:
-    if not path.exists():
-        raise InvalidInputError(f"image file not found: {path}")
-    if path.is_dir():
-        raise InvalidInputError(f"image path is a directory, not a file: {path}")
-    if path.stat().st_size == 0:
-        raise InvalidInputError(f"image file is empty: {path}")
+    _check_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(path, formats=_registered(READABLE_FORMATS)) as opened:
                 _check_size(opened.size, max_pixels, str(path))
                 opened.load()
                 return _from_pil(opened)
@@ -89,11 +98,31 @@ def _from_path(path: Path, max_pixels: int) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidInputError(f"image is too large to decode safely: {path} ({exc})") from None
     except UnidentifiedImageError:
-        raise InvalidInputError(f"not an image file (or an unsupported format): {path}") from None
+        formats = ", ".join(_registered(READABLE_FORMATS))
+        raise InvalidInputError(f"not an image file, or not one of {formats}: {path}") from None
     except PermissionError:
         raise InvalidInputError(f"image file is not readable: {path}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidInputError(f"corrupt or truncated image file {path}: {exc}") from None
+
+
+def _check_file(path: Path) -> None:
+    """Raise InvalidInputError unless `path` is an existing, non-empty file (not a directory)."""
+    try:
+        if not path.exists():
+            raise InvalidInputError(f"image file not found: {path}")
+        if path.is_dir():
+            raise InvalidInputError(f"image path is a directory, not a file: {path}")
+        if path.stat().st_size == 0:
+            raise InvalidInputError(f"image file is empty: {path}")
+    except OSError as exc:  # e.g. a name too long, a folder on the way that cannot be searched
+        raise InvalidInputError(f"cannot access image file {path}: {exc.strerror or exc}") from None
+
+
+def _registered(formats: tuple[str, ...]) -> tuple[str, ...]:
+    """The formats among `formats` that this Pillow build can open."""
+    Image.init()
+    return tuple(name for name in formats if name in Image.OPEN)
 
 
 def _check_size(size: tuple[int, int], max_pixels: int, what: str) -> None:
@@ -134,6 +163,8 @@ def _from_array(array: np.ndarray, max_pixels: int | None) -> np.ndarray:
     elif height < MIN_SIDE or width < MIN_SIDE:
         raise InvalidInputError(f"image is {width}x{height}; both sides must be >= {MIN_SIDE} pixels")
     rgb = array[:, :, :3]
+    if not rgb.dtype.isnative:  # big-endian 16-bit samples (PIL mode 'I;16B', TIFF files)
+        rgb = rgb.astype(rgb.dtype.newbyteorder("="))
     if rgb.dtype == np.uint8:
         return np.ascontiguousarray(rgb)
     if rgb.dtype in (np.uint16, np.int32):  # int32: PIL's 'I' mode for 16-bit files

@@ -234,7 +234,7 @@ def _check_inputs(
         raise InvalidInputError(f"sample_ids must be integers, got dtype {ids.dtype}")
     ids = ids.astype(np.int64)
 
-    if len(labels) != m or not all(isinstance(label, str) for label in labels):
+    if _length(labels, "labels") != m or not all(isinstance(label, str) for label in labels):
         raise InvalidInputError(f"labels must be {m} strings, one per mask, got {len(labels)} items")
     if not isinstance(n_valid, Integral) or isinstance(n_valid, bool) or n_valid < 0:
         raise InvalidInputError(f"n_valid must be a non-negative int, got {n_valid!r}")
@@ -242,13 +242,23 @@ def _check_inputs(
         raise InvalidInputError(
             f"sample_ids must lie in [0, n_valid={n_valid}), got values from {ids.min()} to {ids.max()}"
         )
-    if len(object_counts) != n_valid:
+    if _length(object_counts, "object_counts") != n_valid:
         raise InvalidInputError(
             f"object_counts must have one entry per valid sample ({n_valid}), got {len(object_counts)}"
         )
     if not all(isinstance(c, Integral) and not isinstance(c, bool) and c >= 0 for c in object_counts):
         raise InvalidInputError(f"object_counts must be non-negative ints, got {list(object_counts)}")
     return masks, scores, ids
+
+
+def _length(values: object, name: str) -> int:
+    """len(values) of a sequence argument (a string is not one), else InvalidInputError."""
+    try:
+        if isinstance(values, (str, bytes)):
+            raise TypeError
+        return len(values)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidInputError(f"{name} must be a sequence, got {type(values).__name__}") from None
 
 
 def _modal_count(object_counts: Sequence[int]) -> int:
