@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -33,13 +32,7 @@ ANSWER = ('<think>It holds coffee.</think><answer>[{"bbox_2d": [30, 40, 190, 200
           '"point_2d": [110, 120], "label": "cup"}]</answer>')
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two OpenMP threads on 2 shared cores stall when another process is busy; one does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-import torch
 
 from star_edge.errors import InvalidInputError
 from star_edge.export.tiny import make_tiny_bundle
@@ -32,13 +31,7 @@ BROKEN = '<think>Hmm.</think><answer>[{"bbox_2d": [1, 2'
 NOTHING = "<think>Nothing here holds a drink.</think><answer>[]</answer>"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two OpenMP threads on 2 shared cores stall when another process is busy; one does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

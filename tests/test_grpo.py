@@ -31,13 +31,7 @@ from star_edge.train.rollout_reward import StarReward
 BAD = "<think>I cannot tell.</think>"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two OpenMP threads on 2 shared cores stall when another process is busy; one does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from star_edge.export.tiny_sam import make_tiny_sam
 from star_edge.sam import MaskDecoder
@@ -30,13 +29,7 @@ class CountingDecoder:
         return self.decoder.decode(embedding, boxes, points)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two OpenMP threads on 2 shared cores stall when another process is busy; one does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -42,19 +42,12 @@ OFFICIAL_YAML = {
     "hiera_large": "sam2.1_hiera_l.yaml",
 }
 TINY_CONFIG_NAME = "configs/sam2.1/sam2.1_hiera_t.yaml"
-# SAM2Transforms scripts its Resize + Normalize with torch.jit.script, deprecated in torch 2.13
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
-)
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    # SAM2Transforms scripts its Resize + Normalize with torch.jit.script, deprecated in torch 2.13
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+]
 PROMPTS = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- the official reference
