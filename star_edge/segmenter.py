@@ -215,11 +215,9 @@ class Segmenter:
             embedding = self.mask_decoder.embed(pixels)
             timings["sam_encode"] = _ms_since(begin)
             begin = time.perf_counter()
-            if len(boxes):
-                masks, scores = self.mask_decoder.decode(embedding, boxes, points)
-            else:
-                masks = np.zeros((0, *pixels.shape[:2]), dtype=bool)
-                scores = np.zeros((0,), dtype=np.float32)
+            masks, scores = decode_distinct(self.mask_decoder, embedding, boxes, points,
+                                            np.zeros((0, *pixels.shape[:2]), dtype=bool),
+                                            np.zeros((0,), dtype=np.float32))
             timings["sam_decode"] = _ms_since(begin)
         begin = time.perf_counter()
         if samples == 1:
@@ -344,10 +342,8 @@ class _StreamingVote:
         boxes, points, sample_ids, labels = _prompts_of(self.valid)
         begin = time.perf_counter()
         if len(boxes) > len(self.masks):
-            masks, scores = self._segmenter.mask_decoder.decode(
-                self._embedding, boxes[len(self.masks):], points[len(self.masks):])
-            self.masks = np.concatenate([self.masks, masks])
-            self.scores = np.concatenate([self.scores, scores])
+            self.masks, self.scores = decode_distinct(self._segmenter.mask_decoder, self._embedding,
+                                                      boxes, points, self.masks, self.scores)
         self.timings["sam_decode"] += _ms_since(begin)
         left = self._samples - len(self.parsed)
         if left == 0:
@@ -360,6 +356,40 @@ class _StreamingVote:
         self.timings["vote"] += _ms_since(begin)
         self._segmenter._pin_threads()  # the rest of the call decodes on the Segmenter's threads
         return settled
+
+
+def decode_distinct(
+    decoder: MaskDecoderBackend,
+    embedding: Any,
+    boxes: np.ndarray,
+    points: np.ndarray,
+    known_masks: np.ndarray,
+    known_scores: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Masks of M prompts of which the first D are decoded already, decoding each distinct new
+    prompt once: the N samples of one query often repeat an object exactly, and a repeated
+    prompt gets a copy of its first mask instead of a second decode.
+
+    boxes: (M, 4) float64; points: (M, 2) float64; known_masks: (D, H, W) bool and known_scores:
+    (D,) float32, the results of the first D prompts.
+
+    Returns:
+        masks: (M, H, W) bool and scores: (M,) float32, in prompt order.
+    """
+    done = len(known_masks)
+    prompts = np.concatenate([boxes, points], axis=1)
+    _, first, inverse = np.unique(prompts, axis=0, return_index=True, return_inverse=True)
+    source = first[inverse.reshape(-1)]
+    fresh = np.flatnonzero((source == np.arange(len(prompts))) & (np.arange(len(prompts)) >= done))
+    masks = np.empty((len(prompts), *known_masks.shape[1:]), dtype=bool)
+    scores = np.empty((len(prompts),), dtype=np.float32)
+    masks[:done], scores[:done] = known_masks, known_scores
+    if len(fresh):
+        masks[fresh], scores[fresh] = decoder.decode(embedding, boxes[fresh], points[fresh])
+    copies = np.arange(done, len(prompts))
+    copies = copies[source[copies] != copies]
+    masks[copies], scores[copies] = masks[source[copies]], scores[source[copies]]
+    return masks, scores
 
 
 def _prompts_of(valid: list[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:

@@ -14,7 +14,7 @@ from pycocotools import mask as coco_mask
 from star_edge.answer import parse
 from star_edge.errors import BackendUnavailableError, InvalidInputError
 from star_edge.export.tiny import make_tiny_bundle
-from star_edge.segmenter import Segmenter
+from star_edge.segmenter import Segmenter, decode_distinct
 from star_edge.vote import majority_vote
 
 INPUT = 224  # the tiny Qwen2.5-VL's input size (pixel frame)
@@ -94,8 +94,6 @@ def test_sampling_records_failures_and_votes_over_one_batched_sam_call(segmenter
         assert sample.ok == (sample.text != BROKEN)
         assert (sample.error is None) == sample.ok
     valid = [s for s in res.samples if s.ok]
-    n_candidates = sum(len(s.answer.objects) for s in valid)
-    assert calls == [n_candidates], "every prompt of every sample goes through SAM in one call"
     assert res.objects, "this seed draws a majority for the mug"
 
     # The same vote computed from the public pieces, candidate by candidate.
@@ -103,6 +101,9 @@ def test_sampling_records_failures_and_votes_over_one_batched_sam_call(segmenter
     answers = [parse(s.text, image_size=width_height, input_size=(INPUT, INPUT)) for s in valid]
     boxes = np.array([o.box for a in answers for o in a.objects], float)
     points = np.array([o.point for a in answers for o in a.objects], float)
+    distinct = len(np.unique(np.hstack([boxes, points]), axis=0))
+    assert distinct < len(boxes) and calls == [distinct], \
+        "every distinct prompt of every sample goes through SAM once, all in one call"
     embedding = segmenter.mask_decoder.embed(image)
     masks, scores = zip(*(decode(embedding, boxes[i:i + 1], points[i:i + 1]) for i in range(len(boxes))))
     masks, scores = np.concatenate(masks), np.concatenate(scores)
@@ -117,6 +118,37 @@ def test_sampling_records_failures_and_votes_over_one_batched_sam_call(segmenter
     for obj in res.objects:
         union |= obj.mask
     np.testing.assert_array_equal(res.mask, union)
+
+
+class _PromptEcho:
+    """A stand-in SAM whose mask and score are functions of each prompt alone; records calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[np.ndarray] = []
+
+    def decode(self, embedding, boxes, points, multimask=True):
+        self.calls.append(np.hstack([boxes, points]))
+        masks = np.zeros((len(boxes), 4, 5), bool)
+        for mask, (x1, _, _, _), (px, _) in zip(masks, boxes, points):
+            mask.flat[int(x1 + px) % 20] = True
+        return masks, (boxes[:, 0] + points[:, 1]).astype(np.float32)
+
+
+def test_decode_distinct_decodes_each_new_prompt_once_and_copies_repeats():
+    rng = np.random.default_rng(0)
+    pool_boxes, pool_points = rng.integers(0, 9, (4, 4)).astype(float), rng.integers(0, 9, (4, 2)).astype(float)
+    pick = rng.integers(0, 4, 13)
+    boxes, points = pool_boxes[pick], pool_points[pick]
+    direct_masks, direct_scores = _PromptEcho().decode(None, boxes, points)
+    for done in (0, 5, 13):
+        echo = _PromptEcho()
+        masks, scores = decode_distinct(echo, None, boxes, points, direct_masks[:done], direct_scores[:done])
+        np.testing.assert_array_equal(masks, direct_masks)
+        np.testing.assert_array_equal(scores, direct_scores)
+        decoded = np.concatenate(echo.calls) if echo.calls else np.zeros((0, 6))
+        seen = {tuple(row) for row in np.hstack([boxes, points])[:done]}
+        new = {tuple(row) for row in np.hstack([boxes, points])[done:]} - seen
+        assert len(echo.calls) == (1 if new else 0) and sorted(map(tuple, decoded)) == sorted(new)
 
 
 def test_seeded_sampling_is_reproducible(segmenter, image):
