@@ -37,10 +37,12 @@ demo: install
 bench: install
 	@$(BIN)/python benchmarks/kernels.py
 	@$(BIN)/python benchmarks/vote.py
-	@$(BIN)/python benchmarks/sam_decode.py --threads 1 --onnx
+	@$(BIN)/python benchmarks/sam_decode.py --threads 1 --onnx --clock cpu
 	@$(BIN)/python benchmarks/reasoner_sampling.py --threads 1
 	@$(BIN)/python benchmarks/adaptive.py
 	@$(BIN)/python benchmarks/rewards.py
+	@$(BIN)/python benchmarks/backends.py --threads 1
+	@$(BIN)/python benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -20,10 +20,11 @@ Encoder rows: SamPredictor.set_image against MaskDecoder.embed (cache off), and 
 SamPredictor imports torchvision for two image functions; the script supplies them from PIL (the
 same functions, as torchvision applies them to a uint8 image) without installing torchvision.
 Repeats are interleaved across rows, so background load on the machine hits them alike; torch
-runs with --threads threads.
+runs with --threads threads. `--clock cpu` times this process's CPU time instead of elapsed time:
+with one thread it is the work done, undisturbed by other processes waiting for the same cores.
 
 Usage: python benchmarks/sam_decode.py [--threads 1] [--repeats 5] [--encoder-repeats 2]
-       [--prompts 1 8 24 64] [--max-batch 1 64] [--onnx]
+       [--prompts 1 8 24 64] [--max-batch 1 64] [--onnx] [--clock wall|cpu]
 Writes benchmarks/results/sam_decode.json.
 """
 
@@ -129,7 +130,12 @@ def ious(ours: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
 
 
-def time_rows(rows: list[Row], repeats: int, reference: Callable[[Row], np.ndarray | None]) -> None:
+def time_rows(
+    rows: list[Row],
+    repeats: int,
+    reference: Callable[[Row], np.ndarray | None],
+    clock: Callable[[], float] = time.perf_counter,
+) -> None:
     """Warm each row up (checking its masks against `reference`, and onnx variants against the
     onnx fp32 row of the same K), then time interleaved runs."""
     fp32 = {}
@@ -145,9 +151,9 @@ def time_rows(rows: list[Row], repeats: int, reference: Callable[[Row], np.ndarr
             row.iou_vs_fp32 = (float(values.mean()), float(values.min()))
     for _ in range(repeats):
         for row in rows:
-            start = time.perf_counter()
+            start = clock()
             row.call()
-            row.times.append((time.perf_counter() - start) * 1e3)
+            row.times.append((clock() - start) * 1e3)
 
 
 def export_onnx(sam: torch.nn.Module, folder: Path) -> Path:
@@ -201,7 +207,15 @@ def main() -> None:
     parser.add_argument(
         "--onnx", action="store_true", help="also export to ONNX and time onnxruntime"
     )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time, steadier on a shared machine "
+        "(meaningful with --threads 1 only)",
+    )
     args = parser.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
 
@@ -261,8 +275,8 @@ def main() -> None:
             more_encoder, more_decoder = onnx_rows(onnx_dir, image, prompts, args.threads)
             encoder_rows += more_encoder
             decoder_rows += more_decoder
-        time_rows(decoder_rows, args.repeats, lambda row: references[row.prompts])
-        time_rows(encoder_rows, args.encoder_repeats, lambda row: None)
+        time_rows(decoder_rows, args.repeats, lambda row: references[row.prompts], clock)
+        time_rows(encoder_rows, args.encoder_repeats, lambda row: None, clock)
 
     print(f"SAM ViT-B (random weights), {IMAGE.name} {width}x{height}, threads {args.threads}")
     header = (
@@ -312,6 +326,7 @@ def main() -> None:
                 "model": "SAM ViT-B architecture, random weights (seed 0)",
                 "image": {"file": IMAGE.name, "width": width, "height": height},
                 "torch_threads": args.threads,
+                "clock": args.clock,
                 "decoder": results,
                 "encoder": encoders,
                 "machine": {
