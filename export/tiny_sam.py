@@ -54,9 +54,13 @@ def make_tiny_sam(seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 
 def write_sam_dir(
-    sam: torch.nn.Module, config: dict[str, Any], directory: str | Path
+    sam: torch.nn.Module,
+    config: dict[str, Any],
+    directory: str | Path,
+    dtype: torch.dtype = torch.float32,
 ) -> list[Path]:
-    """Write `directory/config.json` and `directory/model.safetensors` (the state dict, float32).
+    """Write `directory/config.json` and `directory/model.safetensors` (the state dict in `dtype`:
+    torch.float32, float16 or bfloat16; the runtime loads each as float32).
 
     Creates the directory if needed and overwrites both files. Returns their paths
     [config.json, model.safetensors].
@@ -70,7 +74,7 @@ def write_sam_dir(
     config_path = folder / CONFIG_FILE
     weights_path = folder / WEIGHTS_FILE
     state = {
-        key: tensor.detach().to("cpu", torch.float32).contiguous()
+        key: tensor.detach().to("cpu", dtype).contiguous()
         for key, tensor in sam.state_dict().items()
     }
     save_file(state, str(weights_path), metadata={"format": "pt"})
