@@ -18,12 +18,7 @@ from star_edge.train.sam_eval import evaluate, export_sam, predict_masks
 from star_edge.train.sam_train import SamTrainConfig, SamTrainer, main, mask_ious, prompt_losses
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
