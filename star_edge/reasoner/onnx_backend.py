@@ -30,7 +30,6 @@ Description (format_version 1)::
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 import PIL.Image
 
+from star_edge.descriptions import read_description as read_json_description
 from star_edge.errors import BundleError, InvalidInputError
 from star_edge.reasoner import ReasonerOutput, build_messages, decoding
 from star_edge.reasoner.onnx_graphs import OnnxRuntimeGraphs
@@ -66,22 +66,8 @@ def read_description(onnx_dir: str | Path) -> dict[str, Any]:
         BundleError: missing or unreadable file, another format or version, missing sections; the
             message names the file.
     """
-    path = Path(onnx_dir) / DESCRIPTION_FILE
-    if not path.is_file():
-        raise BundleError(f"{path} is missing (expected the reasoner ONNX description)")
-    try:
-        description = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is not readable JSON: {exc}") from exc
-    if not isinstance(description, dict) or description.get("format") != FORMAT_NAME:
-        raise BundleError(f"{path} is not a {FORMAT_NAME} description")
-    if description.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: format_version {description.get('format_version')!r}, "
-                          f"this runtime reads {FORMAT_VERSION}")
-    for key in ("reasoner", "vision", "embed", "decoders"):
-        if not isinstance(description.get(key), dict):
-            raise BundleError(f"{path}: missing section {key!r}")
-    return description
+    return read_json_description(Path(onnx_dir) / DESCRIPTION_FILE, FORMAT_NAME, FORMAT_VERSION,
+                                 ("reasoner", "vision", "embed", "decoders"), "the reasoner ONNX description")
 
 
 @dataclass

@@ -25,7 +25,6 @@ float32; output 0 is the single-mask output, 1.. the multimask outputs.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from star_edge.descriptions import read_description as read_json_description
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
 from star_edge.onnx_providers import execution_providers
 from star_edge.sam.cache import EmbeddingCache
@@ -67,23 +67,8 @@ def read_description(onnx_dir: str | Path) -> dict[str, Any]:
         BundleError: missing or unreadable file, another format or version, missing fields;
             the message names the file.
     """
-    path = Path(onnx_dir) / DESCRIPTION_FILE
-    if not path.is_file():
-        raise BundleError(f"{path} is missing (expected the SAM ONNX description)")
-    try:
-        description = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is not readable JSON: {exc}") from exc
-    if not isinstance(description, dict) or description.get("format") != FORMAT_NAME:
-        raise BundleError(f"{path} is not a {FORMAT_NAME} description")
-    if description.get("format_version") != FORMAT_VERSION:
-        version = description.get("format_version")
-        message = f"format_version {version!r}, this runtime reads {FORMAT_VERSION}"
-        raise BundleError(f"{path}: {message}")
-    for key in ("sam", "encoder", "decoders"):
-        if not isinstance(description.get(key), dict):
-            raise BundleError(f"{path}: missing section {key!r}")
-    return description
+    return read_json_description(Path(onnx_dir) / DESCRIPTION_FILE, FORMAT_NAME, FORMAT_VERSION,
+                                 ("sam", "encoder", "decoders"), "the SAM ONNX description")
 
 
 #: Opens the graph file at a path as a session: `run(output_names, feeds) -> list[np.ndarray]`,

@@ -1,0 +1,40 @@
+"""Reading the JSON description files that export writes next to a bundle's graphs (e.g.
+onnx/sam_onnx.json, onnx/reasoner_onnx.json): a format name, a format version and named sections."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from star_edge.errors import BundleError
+
+
+def read_description(
+    path: Path, format_name: str, format_version: int, sections: tuple[str, ...], what: str
+) -> dict[str, Any]:
+    """Read and check one description file.
+
+    path: the file; format_name / format_version: what its "format" and "format_version" must
+    be; sections: keys whose values must be JSON objects; what: how the file is named in the
+    message when it is missing ("the SAM ONNX description").
+
+    Raises:
+        BundleError: missing or unreadable file, another format or version, a missing section;
+            the message names the file.
+    """
+    if not path.is_file():
+        raise BundleError(f"{path} is missing (expected {what})")
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not readable JSON: {exc}") from exc
+    if not isinstance(description, dict) or description.get("format") != format_name:
+        raise BundleError(f"{path} is not a {format_name} description")
+    if description.get("format_version") != format_version:
+        raise BundleError(f"{path}: format_version {description.get('format_version')!r}, "
+                          f"this runtime reads {format_version}")
+    for key in sections:
+        if not isinstance(description.get(key), dict):
+            raise BundleError(f"{path}: missing section {key!r}")
+    return description
