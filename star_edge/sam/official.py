@@ -19,6 +19,7 @@ from numbers import Real
 from typing import TYPE_CHECKING, Any
 
 from star_edge.errors import BackendUnavailableError, InvalidInputError
+from star_edge.sam.config_checks import check_header, is_int
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -129,10 +130,6 @@ def _fail(message: str) -> InvalidInputError:
     return InvalidInputError(f"SAM config: {message}")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: object) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
@@ -151,27 +148,16 @@ def check_config(config: dict[str, Any]) -> None:
     Raises:
         InvalidInputError: naming the first offending key and its value.
     """
-    if not isinstance(config, dict):
-        raise _fail(f"expected a JSON object, got {type(config).__name__}")
-    missing = sorted(CONFIG_KEYS - config.keys())
-    unknown = sorted(config.keys() - CONFIG_KEYS)
-    if missing:
-        raise _fail(f"missing keys {missing}")
-    if unknown:
-        raise _fail(f"unknown keys {unknown}")
-    if config["kind"] != "sam1":
-        raise _fail(f"kind must be 'sam1', got {config['kind']!r}")
-    if config["variant"] not in VARIANTS:
-        raise _fail(f"variant must be one of {list(VARIANTS)}, got {config['variant']!r}")
+    check_header(config, CONFIG_KEYS, "sam1", VARIANTS, _fail)
     for key in _POSITIVE_INT_KEYS:
-        if not (_is_int(config[key]) and config[key] > 0):
+        if not (is_int(config[key]) and config[key] > 0):
             raise _fail(f"{key} must be a positive int, got {config[key]!r}")
     window = config["encoder_window_size"]
-    if not (_is_int(window) and window >= 0):
+    if not (is_int(window) and window >= 0):
         raise _fail(f"encoder_window_size must be an int >= 0, got {window!r}")
     depth = config["encoder_depth"]
     indexes = config["encoder_global_attn_indexes"]
-    if not (isinstance(indexes, list) and all(_is_int(i) and 0 <= i < depth for i in indexes)):
+    if not (isinstance(indexes, list) and all(is_int(i) and 0 <= i < depth for i in indexes)):
         raise _fail(
             f"encoder_global_attn_indexes must be a list of ints in [0, {depth}), got {indexes!r}"
         )

@@ -30,6 +30,7 @@ from numbers import Real
 from typing import Any
 
 from star_edge.errors import InvalidInputError
+from star_edge.sam.config_checks import check_header, is_int
 
 VARIANTS = ("hiera_tiny", "hiera_small", "hiera_base_plus", "hiera_large")
 STAGE_COUNT = 4
@@ -109,10 +110,6 @@ def _fail(message: str) -> InvalidInputError:
     return InvalidInputError(f"SAM 2 config: {message}")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: object) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
@@ -120,7 +117,7 @@ def _is_number(value: object) -> bool:
 def _int_list(config: dict[str, Any], key: str, length: int | None, low: int) -> list[int]:
     """config[key] as a list of ints >= low (of `length` entries when given), else raise."""
     value = config[key]
-    fits = isinstance(value, list) and all(_is_int(v) and v >= low for v in value)
+    fits = isinstance(value, list) and all(is_int(v) and v >= low for v in value)
     if not fits or (length is not None and len(value) != length):
         size = f"{length} " if length is not None else ""
         raise _fail(f"{key} must be a list of {size}ints >= {low}, got {value!r}")
@@ -143,20 +140,9 @@ def check_sam2_config(config: dict[str, Any]) -> None:
     Raises:
         InvalidInputError: naming the first offending key and its value.
     """
-    if not isinstance(config, dict):
-        raise _fail(f"expected a JSON object, got {type(config).__name__}")
-    missing = sorted(CONFIG_KEYS - config.keys())
-    unknown = sorted(config.keys() - CONFIG_KEYS)
-    if missing:
-        raise _fail(f"missing keys {missing}")
-    if unknown:
-        raise _fail(f"unknown keys {unknown}")
-    if config["kind"] != "sam2":
-        raise _fail(f"kind must be 'sam2', got {config['kind']!r}")
-    if config["variant"] not in VARIANTS:
-        raise _fail(f"variant must be one of {list(VARIANTS)}, got {config['variant']!r}")
+    check_header(config, CONFIG_KEYS, "sam2", VARIANTS, _fail)
     for key in ("image_size", "hiera_embed_dim", "hiera_num_heads"):
-        if not (_is_int(config[key]) and config[key] > 0):
+        if not (is_int(config[key]) and config[key] > 0):
             raise _fail(f"{key} must be a positive int, got {config[key]!r}")
     depth = sum(_int_list(config, "hiera_stages", STAGE_COUNT, 1))
     blocks = _int_list(config, "hiera_global_attn_blocks", None, 0)
