@@ -21,9 +21,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from star_edge.export.tiny_reasoner import TinyDims, write_tiny_reasoner
+from tokenizers import Tokenizer
+
+from star_edge.export.tiny_reasoner import MAX_NUMBER_TOKEN, TinyDims, write_tiny_reasoner
 from star_edge.reasoner.torch_backend import TorchReasoner
 from star_edge.train.data.synthetic import SyntheticConfig, SyntheticSample, sample, split_seed
+from star_edge.train.demo_init import apply_demo_init
 from star_edge.train.sft import SFTConfig, SFTTrainer, TrainerState
 
 DEMO_FAMILY = "qwen3_vl"
@@ -45,12 +48,18 @@ class Phase:
     config: SyntheticConfig
 
 
-DEMO_CURRICULUM: tuple[Phase, ...] = (
-    Phase(60_000, SyntheticConfig(stage="single", objects=(1, 3), item_probability=0.0,
-                                  no_target_probability=0.0)),
-    Phase(120_000, SyntheticConfig(stage="single", objects=(1, 3))),
-    Phase(10**12, SyntheticConfig(stage="mixed")),
-)
+def demo_curriculum(trace_locations: bool = False) -> tuple[Phase, ...]:
+    """The SFT phases; `trace_locations` keeps "... is at the top left." in the traces (off: the
+    coordinates must come from the image, not from the trace before them)."""
+    return (
+        Phase(60_000, SyntheticConfig(stage="single", objects=(1, 3), item_probability=0.0,
+                                      no_target_probability=0.0, trace_locations=trace_locations)),
+        Phase(120_000, SyntheticConfig(stage="single", objects=(1, 3), trace_locations=trace_locations)),
+        Phase(10**12, SyntheticConfig(stage="mixed", trace_locations=trace_locations)),
+    )
+
+
+DEMO_CURRICULUM: tuple[Phase, ...] = demo_curriculum()
 
 
 class CurriculumSource:
@@ -77,10 +86,18 @@ def held_out(count: int, config: SyntheticConfig, seed: int = DEMO_DATA_SEED) ->
     return [sample(split_seed(seed, "val"), index, config) for index in range(count)]
 
 
-def init_reasoner(directory: str | Path, seed: int = 0) -> dict:
-    """Write the untrained demo reasoner; returns the manifest's reasoner section."""
+def init_reasoner(directory: str | Path, seed: int = 0, demo_init: bool = True) -> dict:
+    """Write the untrained demo reasoner; returns the manifest's reasoner section.
+
+    `demo_init` starts the vision position table and the coordinate tokens' rows from smooth codes
+    (`demo_init.apply_demo_init`); False keeps Hugging Face's random initialisation throughout.
+    """
     section = write_tiny_reasoner(directory, seed=seed, family=DEMO_FAMILY, dims=DEMO_DIMS,
                                   max_new_tokens=DEMO_MAX_NEW_TOKENS)
+    if demo_init:
+        tokenizer = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
+        apply_demo_init(Path(directory) / "model.safetensors",
+                        [tokenizer.token_to_id(str(n)) for n in range(MAX_NUMBER_TOKEN + 1)])
     return {**section, "prompt_template": DEMO_PROMPT_TEMPLATE}
 
 
@@ -93,10 +110,11 @@ def run_sft(
     source: Callable[[int], SyntheticSample] | None = None,
     eval_samples: Sequence[SyntheticSample] = (),
     on_log: Callable[[dict], None] | None = None,
+    demo_init: bool = True,
 ) -> TrainerState:
     """Train the demo reasoner's SFT phase in `run_dir`, resuming from its checkpoint if any.
 
-    `run_dir/init/` holds the initial checkpoint and `run_dir/reasoner_manifest.json` its manifest
+    `run_dir/init/` holds the initial checkpoint (`demo_init`: see `init_reasoner`) and `run_dir/reasoner_manifest.json` its manifest
     section (both written on first use), `run_dir/checkpoint/` the latest state, `run_dir/log.csv`
     the log.
     """
@@ -105,7 +123,8 @@ def run_sft(
     manifest_file = run_dir / "reasoner_manifest.json"
     if not manifest_file.is_file():
         manifest_file.parent.mkdir(parents=True, exist_ok=True)
-        manifest_file.write_text(json.dumps(init_reasoner(init_dir, seed=config.seed), indent=2))
+        manifest_file.write_text(json.dumps(init_reasoner(init_dir, seed=config.seed, demo_init=demo_init),
+                                             indent=2))
     manifest = json.loads(manifest_file.read_text())
     reasoner = TorchReasoner.from_dir(init_dir, manifest, device=device, dtype=torch.float32)
     trainer = SFTTrainer(reasoner, init_dir, source or CurriculumSource(), eval_samples, config, run_dir)
@@ -124,9 +143,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=0,
                         help="steps between greedy evaluations on held-out scenes of the first phase")
     parser.add_argument("--eval-count", type=int, default=64)
+    parser.add_argument("--plain-init", action="store_true",
+                        help="Hugging Face's random init throughout (no smooth position / number codes)")
+    parser.add_argument("--trace-locations", action="store_true",
+                        help='keep "... is at the top left." in the training traces')
     defaults = SFTConfig()
     for name in ("batch_size", "lr", "warmup_steps", "total_steps", "num_workers", "log_every",
-                 "checkpoint_every", "amp_dtype"):
+                 "checkpoint_every", "amp_dtype", "vision_lr_scale", "vision_weight_decay"):
         default = getattr(defaults, name)
         parser.add_argument("--" + name.replace("_", "-"), default=default,
                             type=type(default) if default is not None else str)
@@ -137,10 +160,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                        total_steps=args.total_steps, num_workers=args.num_workers,
                        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
                        amp_dtype=args.amp_dtype, eval_every=args.eval_every,
-                       eval_count=args.eval_count)
-    eval_samples = (held_out(args.eval_count, DEMO_CURRICULUM[0].config) if args.eval_every else ())
+                       eval_count=args.eval_count, vision_lr_scale=args.vision_lr_scale,
+                       vision_weight_decay=args.vision_weight_decay)
+    phases = demo_curriculum(args.trace_locations)
+    eval_samples = held_out(args.eval_count, phases[0].config) if args.eval_every else ()
     run_sft(args.run_dir, config, device=args.device, max_steps=args.max_steps,
-            max_seconds=args.max_seconds, eval_samples=eval_samples, on_log=lambda row: print(json.dumps(row), flush=True))
+            max_seconds=args.max_seconds, source=CurriculumSource(phases), eval_samples=eval_samples,
+            on_log=lambda row: print(json.dumps(row), flush=True), demo_init=not args.plain_init)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from star_edge.train.answer_text import format_answer
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+#: Parameter names of the vision tower and its patch mergers in both Qwen-VL families.
+VISION_PREFIX = "model.visual."
 ANSWER_PREFIX = "<|im_start|>assistant\n"
 ANSWER_END = "<|im_end|>"
 
@@ -90,6 +92,10 @@ class SFTConfig:
     """False trains without the "label" field (the label-prediction ablation)."""
     amp_dtype: str | None = None
     """"bfloat16" for mixed precision on CUDA; None keeps float32."""
+    vision_lr_scale: float = 1.0
+    """The vision tower's (and its mergers') learning rate, as a fraction of `lr`."""
+    vision_weight_decay: float = 0.0
+    """AdamW weight decay of the vision tower."""
 
 
 @dataclass
@@ -184,6 +190,15 @@ class _IndexedSamples(torch.utils.data.Dataset):
         return self.batcher.encode(self.source(self.first + offset))
 
 
+def _parameter_groups(model: torch.nn.Module, config: SFTConfig) -> list[dict]:
+    """AdamW groups: the language model and head, then the vision tower (its own lr scale and decay)."""
+    vision, rest = [], []
+    for name, parameter in model.named_parameters():
+        (vision if name.startswith(VISION_PREFIX) else rest).append(parameter)
+    return [{"params": rest, "lr_scale": 1.0, "weight_decay": config.weight_decay},
+            {"params": vision, "lr_scale": config.vision_lr_scale, "weight_decay": config.vision_weight_decay}]
+
+
 def learning_rate(step: int, config: SFTConfig) -> float:
     """Linear warm-up to `lr`, then cosine decay to `min_lr_ratio * lr` at `total_steps`."""
     if step < config.warmup_steps:
@@ -239,8 +254,7 @@ class SFTTrainer:
         self.config = config
         self.out_dir = Path(out_dir)
         self.batcher = SFTBatcher(reasoner, config.with_labels)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
-                                           weight_decay=config.weight_decay, betas=(0.9, 0.95))
+        self.optimizer = torch.optim.AdamW(_parameter_groups(self.model, config), lr=config.lr, betas=(0.9, 0.95))
         self.state = TrainerState()
         self.device = self.model.device
 
@@ -274,7 +288,7 @@ class SFTTrainer:
             step = self.state.step
             lr = learning_rate(step, config)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             loss, tokens = self._step(batch)
             self.state.step += 1
             self.state.samples_seen += config.batch_size

@@ -67,6 +67,10 @@ class SyntheticConfig:
     """Every object keeps at least this fraction of its full mask visible."""
     min_visible_pixels: int = 48
     """... and at least this many pixels."""
+    trace_locations: bool = True
+    """Traces say where each named object is ("The red cup is at the top left."); False says
+    "... is in the image." instead, so that an answer's coordinates cannot be read off its own
+    trace under teacher forcing (the demo reasoner's SFT, DESIGN section 12)."""
 
     def __post_init__(self) -> None:
         low, high = self.size_range
@@ -146,7 +150,7 @@ def sample(seed: int, index: int, config: SyntheticConfig = SyntheticConfig()) -
                              config.min_visible_fraction, config.min_visible_pixels)
         if len(scene.objects) < fewest:
             continue
-        facts = SceneFacts(scene.objects, (width, height))
+        facts = SceneFacts(scene.objects, (width, height), config.trace_locations)
         if stage == "reasoning":
             query = reasoning_query(rng, facts, reasoning_type, depth, empty)
         elif stage == "single":

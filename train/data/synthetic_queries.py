@@ -112,9 +112,10 @@ def plural(noun: str) -> str:
 class SceneFacts:
     """What queries need to know about a scene: names, positions, sizes, relations, functions."""
 
-    def __init__(self, objects: tuple[SceneObject, ...], size: tuple[int, int]) -> None:
+    def __init__(self, objects: tuple[SceneObject, ...], size: tuple[int, int], locations: bool = True) -> None:
         self.objects = objects
         self.size = size
+        self.locations = locations
 
     def name(self, index: int) -> str:
         return "the " + self.objects[index].name
@@ -126,7 +127,10 @@ class SceneFacts:
         return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
     def where(self, index: int) -> str:
-        """"at the top left", "in the middle", ... from the object's centre (image thirds)."""
+        """"at the top left", "in the middle", ... from the object's centre (image thirds); "in the
+        image" when the facts were made without locations."""
+        if not self.locations:
+            return "in the image"
         x, y = self.objects[index].centre
         column = ("left", "", "right")[min(int(3 * x / self.size[0]), 2)]
         row = ("top", "", "bottom")[min(int(3 * y / self.size[1]), 2)]
