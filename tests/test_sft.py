@@ -135,3 +135,32 @@ def test_greedy_box_iou_scores_a_known_answer(tmp_path):
     inter = max(0.0, min(x2, a2) - max(x1, a1)) * max(0.0, min(y2, b2) - max(y1, b1))
     union = (x2 - x1) * (y2 - y1) + (a2 - a1) * (b2 - b1) - inter
     assert greedy_box_iou(reasoner, [other])["box_iou"] == pytest.approx(inter / union, abs=0.05)
+
+
+def test_vision_tower_gets_its_own_learning_rate_and_decay(reasoner_dir, tmp_path):
+    config = SFTConfig(batch_size=2, lr=1e-3, warmup_steps=1, total_steps=4, log_every=1,
+                       checkpoint_every=1000, eval_every=0, vision_lr_scale=0.1, vision_weight_decay=0.1)
+    trainer = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path)
+    language, vision = trainer.optimizer.param_groups
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    assert all(names[id(p)].startswith("model.visual.") for p in vision["params"])
+    assert not any(names[id(p)].startswith("model.visual.") for p in language["params"])
+    assert len(language["params"]) + len(vision["params"]) == len(names)
+    trainer.train(max_steps=2)
+    assert vision["lr"] == pytest.approx(0.1 * language["lr"]) and language["lr"] > 0
+    assert vision["weight_decay"] == 0.1 and language["weight_decay"] == 0.0
+
+
+def test_start_from_weights_continues_at_the_stream_position(reasoner_dir, tmp_path):
+    config = SFTConfig(batch_size=2, lr=1e-3, warmup_steps=1, total_steps=6, log_every=1,
+                       checkpoint_every=1000, eval_every=0)
+    first = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path / "a")
+    first.train(max_steps=3)
+    seen: list[int] = []
+    later = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], lambda i: seen.append(i) or scene(i), [],
+                       config, tmp_path / "b")
+    later.start_from(tmp_path / "a" / "checkpoint" / "reasoner" / "model.safetensors", first.state)
+    for name, tensor in first.model.state_dict().items():
+        torch.testing.assert_close(later.model.state_dict()[name], tensor)
+    later.train(max_steps=1)
+    assert later.state.step == 4 and sorted(seen) == [6, 7]

@@ -5,8 +5,11 @@
 - `DEMO_CURRICULUM`: the SFT stream in phases (one named target among 1-3 plain shapes, as
   measured in DESIGN section 12; then one named target among shapes and everyday items, some
   queries without a target; then the mixed stream of single targets, dense grounding and the
-  reasoning types); `CurriculumSource` serves it by stream index,
-  so a resumed run continues with exactly the samples it would have seen.
+  reasoning types), traces without location words; `CurriculumSource` serves it by stream
+  index, so a resumed run continues with exactly the samples it would have seen.
+- `init_reasoner`: the untrained model, its vision position table and coordinate-token rows
+  started from smooth codes (`demo_init`).
+- `DEMO_SFT`: the optimiser settings (the vision tower at a tenth of the learning rate).
 - `run_sft`: initialise (or resume) a run folder and train for a time or step budget;
   `python -m star_edge.train.demo --run-dir DIR [...]` runs it from a shell (a GPU machine, say).
 """
@@ -20,7 +23,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-
 from tokenizers import Tokenizer
 
 from star_edge.export.tiny_reasoner import MAX_NUMBER_TOKEN, TinyDims, write_tiny_reasoner
@@ -60,6 +62,9 @@ def demo_curriculum(trace_locations: bool = False) -> tuple[Phase, ...]:
 
 
 DEMO_CURRICULUM: tuple[Phase, ...] = demo_curriculum()
+#: The SFT settings of the shipped model (docs/demo-model/README.md, SFT run 3): DESIGN section 12's
+#: recipe with the vision tower at a tenth of the learning rate and weight decay 0.1 there.
+DEMO_SFT = SFTConfig(total_steps=20_000, vision_lr_scale=0.1, vision_weight_decay=0.1)
 
 
 class CurriculumSource:
@@ -111,9 +116,13 @@ def run_sft(
     eval_samples: Sequence[SyntheticSample] = (),
     on_log: Callable[[dict], None] | None = None,
     demo_init: bool = True,
+    start_weights: str | Path | None = None,
+    start_state: TrainerState | None = None,
 ) -> TrainerState:
     """Train the demo reasoner's SFT phase in `run_dir`, resuming from its checkpoint if any.
 
+    Without a checkpoint in `run_dir`, `start_weights` (with the run's `start_state`) continues a
+    run whose weights alone were kept (`SFTTrainer.start_from`).
     `run_dir/init/` holds the initial checkpoint (`demo_init`: see `init_reasoner`) and `run_dir/reasoner_manifest.json` its manifest
     section (both written on first use), `run_dir/checkpoint/` the latest state, `run_dir/log.csv`
     the log.
@@ -128,7 +137,8 @@ def run_sft(
     manifest = json.loads(manifest_file.read_text())
     reasoner = TorchReasoner.from_dir(init_dir, manifest, device=device, dtype=torch.float32)
     trainer = SFTTrainer(reasoner, init_dir, source or CurriculumSource(), eval_samples, config, run_dir)
-    trainer.resume()
+    if not trainer.resume() and start_weights is not None:
+        trainer.start_from(start_weights, start_state or TrainerState())
     return trainer.train(max_steps=max_steps, max_seconds=max_seconds, on_log=on_log)
 
 
@@ -147,7 +157,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="Hugging Face's random init throughout (no smooth position / number codes)")
     parser.add_argument("--trace-locations", action="store_true",
                         help='keep "... is at the top left." in the training traces')
-    defaults = SFTConfig()
+    parser.add_argument("--from-weights", type=Path, default=None,
+                        help="continue from these weights (model.safetensors) when RUN_DIR has no checkpoint")
+    parser.add_argument("--from-state", type=Path, default=None,
+                        help="the trainer_state.json that goes with --from-weights (stream position)")
+    defaults = DEMO_SFT
     for name in ("batch_size", "lr", "warmup_steps", "total_steps", "num_workers", "log_every",
                  "checkpoint_every", "amp_dtype", "vision_lr_scale", "vision_weight_decay"):
         default = getattr(defaults, name)
@@ -166,7 +180,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     eval_samples = held_out(args.eval_count, phases[0].config) if args.eval_every else ()
     run_sft(args.run_dir, config, device=args.device, max_steps=args.max_steps,
             max_seconds=args.max_seconds, source=CurriculumSource(phases), eval_samples=eval_samples,
-            on_log=lambda row: print(json.dumps(row), flush=True), demo_init=not args.plain_init)
+            on_log=lambda row: print(json.dumps(row), flush=True), demo_init=not args.plain_init,
+            start_weights=args.from_weights,
+            start_state=TrainerState(**json.loads(args.from_state.read_text())["state"]) if args.from_state else None)
 
 
 if __name__ == "__main__":

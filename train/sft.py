@@ -274,6 +274,16 @@ class SFTTrainer:
         self.state = TrainerState(**json.loads(state_file.read_text())["state"])
         return True
 
+    def start_from(self, weights_file: str | Path, state: TrainerState) -> None:
+        """Continue a run from its weights alone (a `model.safetensors`, float16 or float32) at its
+        stream position `state`; the optimiser starts afresh (its moments are not kept between
+        machines), the learning-rate schedule goes on from `state.step`."""
+        from safetensors.torch import load_file
+
+        weights = {name: tensor.float() for name, tensor in load_file(str(weights_file)).items()}
+        self.model.load_state_dict(weights, strict=True)
+        self.state = TrainerState(**asdict(state))
+
     def train(self, max_steps: int | None = None, max_seconds: float | None = None,
               on_log: Callable[[dict], None] | None = None) -> TrainerState:
         """Run until `total_steps`, `max_steps` more steps, or `max_seconds`, then checkpoint."""
