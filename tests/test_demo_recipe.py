@@ -1,15 +1,27 @@
 """The demo model's recipe: the curriculum stream is a pure function of the index; the compact
-prompt is what the demo reasoner is initialised with."""
+prompt is what the demo reasoner is initialised with; the smooth initial codes; traces without
+locations."""
 
 from __future__ import annotations
 
 import json
 
+import re
+
 import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
 from star_edge.reasoner.prompts import build_messages
-from star_edge.train.data.synthetic import SyntheticConfig
-from star_edge.train.demo import CurriculumSource, Phase, init_reasoner
+from star_edge.reasoner.torch_backend import TorchReasoner
+from star_edge.train.data.synthetic import SyntheticConfig, sample
+from star_edge.train.demo import CurriculumSource, Phase, demo_curriculum, init_reasoner
+from star_edge.train.demo_init import number_rows, position_grid
+
+LOCATION_WORDS = re.compile(r"\b(left|right|top|bottom|middle)\b")
+WHERE_PHRASE = re.compile(r"at the (top |bottom )?(left|right)\b|at the (top|bottom)\b|in the middle")
 
 
 def test_curriculum_switches_phase_at_the_boundary_and_repeats_exactly():
@@ -38,3 +50,84 @@ def test_no_label_templates_drop_only_the_label():
         without = build_messages("the cup", "pixels", template + "_nolabel")[0]["content"][1]["text"]
         assert "label" in with_label and "label" not in without
         assert "bbox_2d" in without and "point_2d" in without and "the cup" in without
+
+
+def test_position_grid_codes_row_and_column_separately_and_keeps_its_scale():
+    side, width = 16, 128
+    grid = position_grid(side, width, rms=0.25).reshape(side, side, width)
+    assert grid.dtype == torch.float32
+    assert float(grid.pow(2).mean().sqrt()) == pytest.approx(0.25, rel=1e-3)
+    quarter = width // 4
+    rows, columns = grid[..., : 2 * quarter], grid[..., 2 * quarter:]
+    # the row half does not change along a row, the column half not down a column
+    assert torch.equal(rows, rows[:, :1].expand_as(rows)) and torch.equal(columns, columns[:1].expand_as(columns))
+    flat = grid.reshape(side * side, width)
+    distances = torch.cdist(flat, flat)
+    assert float(distances.masked_fill(torch.eye(side * side, dtype=torch.bool), 1e9).min()) > 0.05
+    # nearer patches are more alike: the code of (5, 5) is closer to (5, 6) than to (5, 12)
+    assert torch.dist(grid[5, 5], grid[5, 6]) < torch.dist(grid[5, 5], grid[5, 12])
+
+
+def test_number_rows_are_smooth_in_the_number_and_keep_their_scale():
+    rows = number_rows(1001, 256, rms=0.02)
+    assert rows.shape == (1001, 256) and float(rows.pow(2).mean().sqrt()) == pytest.approx(0.02, rel=1e-3)
+    cosine = torch.nn.functional.normalize(rows, dim=1) @ torch.nn.functional.normalize(rows, dim=1).T
+    # similarity falls with the distance between numbers: 500 vs 501 > 500 vs 520 > 500 vs 900
+    assert cosine[500, 501] > cosine[500, 520] > cosine[500, 900]
+    assert float(cosine[500, 501]) > 0.9
+
+
+def test_demo_init_rewrites_only_the_coded_rows_and_the_model_loads(tmp_path):
+    plain_section = init_reasoner(tmp_path / "plain", demo_init=False)
+    init_reasoner(tmp_path / "demo")
+    plain = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    demo = load_file(str(tmp_path / "demo" / "model.safetensors"))
+    tokenizer = Tokenizer.from_file(str(tmp_path / "demo" / "tokenizer.json"))
+    numbers = torch.tensor([tokenizer.token_to_id(str(n)) for n in range(1001)])
+    others = torch.ones(len(plain["lm_head.weight"]), dtype=torch.bool)
+    others[numbers] = False
+    side = int(len(plain["model.visual.pos_embed.weight"]) ** 0.5)
+    torch.testing.assert_close(demo["model.visual.pos_embed.weight"],
+                               position_grid(side, plain["model.visual.pos_embed.weight"].shape[1]))
+    for name in ("lm_head.weight", "model.language_model.embed_tokens.weight"):
+        torch.testing.assert_close(demo[name][numbers], number_rows(1001, demo[name].shape[1]))
+        assert torch.equal(demo[name][others], plain[name][others])
+    untouched = set(plain) - {"lm_head.weight", "model.language_model.embed_tokens.weight",
+                              "model.visual.pos_embed.weight"}
+    assert all(torch.equal(plain[name], demo[name]) for name in untouched)
+    reasoner = TorchReasoner.from_dir(tmp_path / "demo", plain_section, dtype=torch.float32)
+    torch.testing.assert_close(reasoner.model.lm_head.weight.detach()[numbers[7]], number_rows(1001, 256)[7])
+
+
+def test_traces_without_locations_change_nothing_else():
+    changed = 0
+    for stage in ("single", "reasoning", "mixed"):
+        for index in range(40):
+            located = sample(3, index, SyntheticConfig(stage=stage))
+            plain = sample(3, index, SyntheticConfig(stage=stage, trace_locations=False))
+            assert plain.query == located.query and np.array_equal(plain.image, located.image)
+            assert np.array_equal(plain.boxes, located.boxes) and plain.labels == located.labels
+            assert plain.trace == WHERE_PHRASE.sub("in the image", located.trace)
+            changed += plain.trace != located.trace
+            if stage == "single" and len(plain.boxes):
+                assert not LOCATION_WORDS.search(plain.trace) and LOCATION_WORDS.search(located.trace)
+    assert changed > 60
+    assert all(not phase.config.trace_locations for phase in demo_curriculum())
+
+
+def test_demo_bundle_is_rebuilt_byte_for_byte_from_its_weights_and_card(tmp_path):
+    from safetensors.torch import save_file
+
+    from star_edge.bundle import load_bundle
+    from star_edge.defaults import DEMO_BUNDLE_DIR
+    from star_edge.train.demo_bundle import write_demo_bundle
+
+    shipped = load_bundle(DEMO_BUNDLE_DIR)
+    rebuilt = write_demo_bundle(tmp_path / "b", shipped.reasoner_dir / "model.safetensors", shipped.sam_dir,
+                                shipped.manifest["card"])
+    assert rebuilt.trained and rebuilt.manifest == shipped.manifest
+    weights = load_file(str(shipped.reasoner_dir / "model.safetensors"))
+    weights.pop("lm_head.weight")
+    save_file(weights, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(RuntimeError, match="do not match"):
+        write_demo_bundle(tmp_path / "c", tmp_path / "partial.safetensors", shipped.sam_dir)
