@@ -5,8 +5,9 @@ finish, and stops the batch once the answers still decoding cannot change the vo
 stops once 2 more could not. Both are compared with `segment(samples=N)` on the same seeds (the same
 sample rows), N in {8, 16}.
 
-Bundles: the default bundle (untrained: its answers never end early and do not parse, so no vote
-settles), and scripted tiny Qwen3-VL bundles whose reasoner answers one of a few texts with equal
+Bundles: the default bundle (results/adaptive.json was measured with the untrained default that
+shipped before the trained demo model: its answers never ended early and did not parse, so no vote
+settled; the key still says so), and scripted tiny Qwen3-VL bundles whose reasoner answers one of a few texts with equal
 probability (a genuine model run with crafted weights, see export/tiny_reasoner.py), standing in for
 a trained model whose reasoning varies in length, at three levels of agreement:
 - agree: the red disc, thought about briefly, at some length, and at length;
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from star_edge.bench import bench_image
-from star_edge.defaults import ensure_default_bundle
+from star_edge.defaults import default_bundle_path
 from star_edge.export.tiny import make_tiny_bundle
 from star_edge.segmenter import Segmenter
 
@@ -106,7 +107,7 @@ def main() -> None:
     report: dict = {"query": QUERY, "seeds": args.seeds, "bundles": {}}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        paths = {"default (untrained)": ensure_default_bundle()}
+        paths = {"default (untrained)": default_bundle_path()}
         for name, answers in SCRIPTS.items():
             paths[name] = Path(folder) / name
             make_tiny_bundle(paths[name], seed=0, family="qwen3_vl", scripted_answers=answers)

@@ -1,6 +1,7 @@
 """The pipeline on torch and on onnxruntime (fp32 and int8), per stage and end to end, side by side.
 
-Model: the default bundle (tiny Qwen3-VL + tiny SAM, untrained), exported to ONNX with int8
+Model: the default bundle (tiny Qwen3-VL + tiny SAM; results/backends.json was measured with the
+untrained default that shipped before the trained demo model), exported to ONNX with int8
 decoders by `star_edge.export.bundle_export.export_bundle` into a temporary folder (or --bundle, an
 exported bundle). Backends:
 
@@ -12,8 +13,8 @@ Stages (medians over --repeat rounds, the backends interleaved in every round so
 hits them alike): vision (the reasoner's vision tower), prefill (the language model reading the
 prompt, vision excluded), decode per token at batch 1 and at batch 8 (--tokens tokens, end token
 disabled so every row decodes all of them), SAM embed (cache cleared), SAM decode (8 prompts), and
-end to end `Segmenter.segment(samples=8)` (its rows also decode --tokens tokens). The untrained model's answers do not parse, so end to end
-is the reasoner plus SAM's image encoder.
+end to end `Segmenter.segment(samples=8)` (its rows also decode --tokens tokens; with the end token
+disabled the answers do not parse, so end to end is the reasoner plus SAM's image encoder).
 
 Accuracy of int8 against fp32 on this model: greedy token agreement on the probe prompts, and the
 max |logit difference| of the prefill relative to the largest logit. (gIoU on the synthetic test
@@ -41,7 +42,7 @@ from PIL import Image
 
 from star_edge.bench import bench_image
 from star_edge.bundle import load_bundle
-from star_edge.defaults import ensure_default_bundle
+from star_edge.defaults import default_bundle_path
 from star_edge.export.bundle_export import export_bundle
 from star_edge.reasoner.onnx_backend import OnnxReasoner
 from star_edge.reasoner.torch_backend import TorchReasoner
@@ -124,7 +125,7 @@ def main() -> None:
         root = args.bundle
         if root is None:
             root = Path(folder) / "bundle"
-            export_bundle(ensure_default_bundle(), root, onnx=True, variants=("fp32", "int8"))
+            export_bundle(default_bundle_path(), root, onnx=True, variants=("fp32", "int8"))
         export_s = time.perf_counter() - started
         backends = load_backends(root, args.threads)
         image = bench_image()
@@ -159,7 +160,7 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "threads": args.threads, "torch": torch.__version__,
                     "onnxruntime": __import__("onnxruntime").__version__},
-        "bundle": load_bundle(ensure_default_bundle()).name if args.bundle is None else str(args.bundle),
+        "bundle": load_bundle(default_bundle_path()).name if args.bundle is None else str(args.bundle),
         "query": QUERY, "tokens": args.tokens, "sam_prompts": PROMPTS, "repeat": args.repeat,
         "stages_ms": table,
         "speedup_vs_torch": speedups,

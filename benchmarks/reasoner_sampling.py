@@ -45,7 +45,7 @@ from transformers import GenerationConfig
 
 from star_edge.bench import bench_image
 from star_edge.bundle import load_bundle
-from star_edge.defaults import ensure_default_bundle
+from star_edge.defaults import default_bundle_path
 from star_edge.export.tiny_reasoner import TinyDims, write_tiny_reasoner
 from star_edge.reasoner import sampling
 from star_edge.reasoner.torch_backend import TorchReasoner
@@ -272,7 +272,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    default = load_bundle(ensure_default_bundle())
+    default = load_bundle(default_bundle_path())
     models = {f"default ({default.name})": TorchReasoner.from_dir(default.reasoner_dir, default.manifest["reasoner"],
                                                                   device=args.device)}
     with tempfile.TemporaryDirectory() as folder:

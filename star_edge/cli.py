@@ -117,9 +117,9 @@ def info(bundle: BundleOption = None, debug: DebugOption = False) -> None:
     """Print a bundle's manifest, the backends available here, and versions."""
     with _reported_errors(debug):
         from star_edge.bundle import load_bundle
-        from star_edge.defaults import ensure_default_bundle
+        from star_edge.defaults import default_bundle_path
 
-        loaded = load_bundle(bundle if bundle is not None else ensure_default_bundle())
+        loaded = load_bundle(bundle if bundle is not None else default_bundle_path())
         table = Table(title=f"bundle {loaded.name}", show_header=False)
         table.add_row("folder", str(loaded.root))
         table.add_row("trained", str(loaded.trained))
@@ -312,9 +312,9 @@ def export(
                 f"{report.max_abs_logit:.2f}; the adapter moves them by up to {report.adapter_effect:.2f}")
             source = written.root
         elif source is None:
-            from star_edge.defaults import ensure_default_bundle
+            from star_edge.defaults import default_bundle_path
 
-            source = ensure_default_bundle()
+            source = default_bundle_path()
         variants = ("fp32",) + (("int8",) if int8 else ()) + (("fp16",) if fp16 else ())
         written = export_bundle(source, out, onnx=onnx or int8 or fp16, variants=variants, tensorrt=tensorrt,
                                 engine_precision=engine_precision, progress=say)

@@ -106,9 +106,9 @@ class Segmenter:
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(f"path must be a bundle folder or None, got {type(path).__name__}")
         if path is None:
-            from star_edge.defaults import ensure_default_bundle
+            from star_edge.defaults import default_bundle_path
 
-            path = ensure_default_bundle()
+            path = default_bundle_path()
         bundle = load_bundle(path)
         if backend == "tensorrt":
             return cls._load_tensorrt(bundle, device, vote_config)

@@ -1,16 +1,14 @@
-"""Test-wide settings: no hub access, a private model cache, and `gpu` tests skipped without CUDA."""
+"""Test-wide settings: no hub access, and `gpu` tests skipped without CUDA."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("STAR_EDGE_CACHE", tempfile.mkdtemp(prefix="star-edge-test-cache-"))
 
 
 def _cuda_available() -> bool:

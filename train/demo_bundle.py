@@ -1,0 +1,75 @@
+"""Assemble the default bundle that ships in `star_edge/demo/bundle/` from trained weights.
+
+`python -m star_edge.train.demo_bundle --reasoner-weights W.safetensors --sam-dir DIR --out DIR
+[--card card.json]` writes the demo reasoner's folder (the files `init_reasoner` writes, with the
+trained weights in float16 in place of the initial ones), copies the tiny SAM's folder, and writes
+the manifest (`trained: true`, the model card as its "card" field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from star_edge.bundle import Bundle
+from star_edge.export.bundle_writer import write_manifest
+from star_edge.sam.checkpoints import read_sam_config
+from star_edge.train.demo import init_reasoner
+
+BUNDLE_NAME = "star-edge-demo-tiny-qwen3_vl"
+
+
+def write_demo_bundle(out: str | Path, reasoner_weights: str | Path, sam_dir: str | Path,
+                      card: dict[str, Any] | None = None) -> Bundle:
+    """Write the demo bundle into `out` (replaced whole); returns it as the runtime reads it.
+
+    Raises:
+        RuntimeError: `reasoner_weights` does not fit the demo reasoner (missing, extra or
+            differently shaped tensors).
+    """
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as scratch:
+        section = init_reasoner(Path(scratch) / "reasoner", demo_init=False)
+        initial = load_file(str(Path(scratch) / "reasoner" / "model.safetensors"))
+        trained = load_file(str(reasoner_weights))
+        shapes = {name: tuple(t.shape) for name, t in initial.items()}
+        if shapes != {name: tuple(t.shape) for name, t in trained.items()}:
+            raise RuntimeError(f"{reasoner_weights}: the tensors do not match the demo reasoner's")
+        save_file({name: t.to(torch.float16).contiguous() for name, t in trained.items()},
+                  str(Path(scratch) / "reasoner" / "model.safetensors"), metadata={"format": "pt"})
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        shutil.copytree(Path(scratch) / "reasoner", out / "reasoner")
+    sam_config = read_sam_config(sam_dir)
+    (out / "sam").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(Path(sam_dir) / name, out / "sam" / name)
+    sam = {"kind": sam_config["kind"], "variant": sam_config["variant"], "path": "sam",
+           "image_size": sam_config["image_size"]}
+    return write_manifest(out, name=BUNDLE_NAME, reasoner={**section, "path": "reasoner"}, sam=sam,
+                          trained=True, extra={"card": card} if card else None)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry (module docstring)."""
+    parser = argparse.ArgumentParser(description="Assemble the shipped demo bundle from trained weights.")
+    parser.add_argument("--reasoner-weights", type=Path, required=True)
+    parser.add_argument("--sam-dir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--card", type=Path, default=None, help="a JSON model card stored in the manifest")
+    args = parser.parse_args(argv)
+    card = json.loads(args.card.read_text()) if args.card else None
+    bundle = write_demo_bundle(args.out, args.reasoner_weights, args.sam_dir, card)
+    print(f"wrote {bundle.root}")
+
+
+if __name__ == "__main__":
+    main()
