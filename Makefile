@@ -27,12 +27,14 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	@$(BIN)/pytest
 
-DEMO_QUERY ?= what could I drink from?
-
+# The demo model knows only the synthetic world it was trained on: held-out scenes of the test split.
 demo: install
-	@mkdir -p out
-	@$(BIN)/star-edge segment examples/coffee.jpg "$(DEMO_QUERY)" --samples 8 --seed 0 \
-	  --json out/coffee.json --out out/coffee.png
+	@$(BIN)/python examples/demo_scenes.py out/scenes
+	@while IFS="$$(printf '\t')" read -r image query; do \
+	  name=$$(basename "$$image" .png); \
+	  $(BIN)/star-edge segment "$$image" "$$query" --samples 8 --seed 0 \
+	    --json "out/$$name.json" --out "out/$$name.png" || exit 1; \
+	done < out/scenes/queries.tsv
 
 bench: install
 	@$(BIN)/python benchmarks/kernels.py
