@@ -44,6 +44,7 @@ bench: install
 	@$(BIN)/python benchmarks/adaptive.py
 	@$(BIN)/python benchmarks/rewards.py
 	@$(BIN)/python benchmarks/backends.py --threads 1
+	@$(BIN)/python benchmarks/onnx_accuracy.py --threads 1
 	@$(BIN)/python benchmarks/soak.py
 
 clean:

@@ -18,7 +18,7 @@ disabled the answers do not parse, so end to end is the reasoner plus SAM's imag
 
 Accuracy of int8 against fp32 on this model: greedy token agreement on the probe prompts, and the
 max |logit difference| of the prefill relative to the largest logit. (gIoU on the synthetic test
-split needs a trained bundle; pass one with --bundle.) Also recorded: whether onnx fp32 greedy tokens
+split: benchmarks/onnx_accuracy.py.) Also recorded: whether onnx fp32 greedy tokens
 equal torch's on the default bundle.
 
 Usage: python benchmarks/backends.py [--threads 1] [--repeat 5] [--tokens 16] [--bundle DIR]
