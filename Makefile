@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= torch,onnx,export,train,dev
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-model bench clean
 
 install: $(STAMP)
 
@@ -35,6 +35,19 @@ demo: install
 	  $(BIN)/star-edge segment "$$image" "$$query" --samples 8 --seed 0 \
 	    --json "out/$$name.json" --out "out/$$name.png" || exit 1; \
 	done < out/scenes/queries.tsv
+
+# The demo model's whole pipeline from scratch, in resumable pieces (hours on a CPU; not in CI):
+# rerun to continue where it stopped. SFT_STEPS = the shipped reasoner's steps; SFT_ARGS e.g.
+# "--device cuda --num-workers 14" on a GPU machine.
+DEMO_RUNS ?= runs/demo
+SFT_STEPS ?= 2951
+SFT_ARGS ?= --threads 1 --num-workers 1
+demo-model: install
+	$(BIN)/python -m star_edge.train.sam_train --run-dir $(DEMO_RUNS)/sam --resume --threads 1 $(SAM_ARGS)
+	$(BIN)/python -m star_edge.train.sam_train --run-dir $(DEMO_RUNS)/sam --export $(DEMO_RUNS)/sam-export
+	$(BIN)/python -m star_edge.train.demo --run-dir $(DEMO_RUNS)/sft --until-step $(SFT_STEPS) $(SFT_ARGS)
+	$(BIN)/python -m star_edge.train.demo_bundle --sam-dir $(DEMO_RUNS)/sam-export --out $(DEMO_RUNS)/bundle \
+	  --reasoner-weights $(DEMO_RUNS)/sft/checkpoint/reasoner/model.safetensors
 
 bench: install
 	@$(BIN)/python benchmarks/kernels.py

@@ -131,3 +131,15 @@ def test_demo_bundle_is_rebuilt_byte_for_byte_from_its_weights_and_card(tmp_path
     save_file(weights, str(tmp_path / "partial.safetensors"))
     with pytest.raises(RuntimeError, match="do not match"):
         write_demo_bundle(tmp_path / "c", tmp_path / "partial.safetensors", shipped.sam_dir)
+
+
+def test_run_sft_until_step_stops_there_across_reruns(tmp_path):
+    from star_edge.train.demo import run_sft
+    from star_edge.train.sft import SFTConfig
+
+    config = SFTConfig(batch_size=2, warmup_steps=1, log_every=1, checkpoint_every=1000, eval_every=0)
+    assert run_sft(tmp_path, config, until_step=2).step == 2
+    assert run_sft(tmp_path, config, until_step=2).step == 2  # a rerun adds nothing
+    assert run_sft(tmp_path, config, until_step=3, max_steps=5).step == 3
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2", "3"]

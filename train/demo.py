@@ -118,10 +118,12 @@ def run_sft(
     demo_init: bool = True,
     start_weights: str | Path | None = None,
     start_state: TrainerState | None = None,
+    until_step: int | None = None,
 ) -> TrainerState:
     """Train the demo reasoner's SFT phase in `run_dir`, resuming from its checkpoint if any.
 
-    Without a checkpoint in `run_dir`, `start_weights` (with the run's `start_state`) continues a
+    `until_step` stops at that step whatever the run's position (a rerun after it is a no-op
+    beyond rewriting the checkpoint). Without a checkpoint in `run_dir`, `start_weights` (with the run's `start_state`) continues a
     run whose weights alone were kept (`SFTTrainer.start_from`).
     `run_dir/init/` holds the initial checkpoint (`demo_init`: see `init_reasoner`) and `run_dir/reasoner_manifest.json` its manifest
     section (both written on first use), `run_dir/checkpoint/` the latest state, `run_dir/log.csv`
@@ -139,6 +141,9 @@ def run_sft(
     trainer = SFTTrainer(reasoner, init_dir, source or CurriculumSource(), eval_samples, config, run_dir)
     if not trainer.resume() and start_weights is not None:
         trainer.start_from(start_weights, start_state or TrainerState())
+    if until_step is not None:
+        remaining = max(0, until_step - trainer.state.step)
+        max_steps = remaining if max_steps is None else min(max_steps, remaining)
     return trainer.train(max_steps=max_steps, max_seconds=max_seconds, on_log=on_log)
 
 
@@ -149,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--max-seconds", type=float, default=None)
+    parser.add_argument("--until-step", type=int, default=None, help="stop at this step (resumed runs too)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="steps between greedy evaluations on held-out scenes of the first phase")
@@ -181,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_sft(args.run_dir, config, device=args.device, max_steps=args.max_steps,
             max_seconds=args.max_seconds, source=CurriculumSource(phases), eval_samples=eval_samples,
             on_log=lambda row: print(json.dumps(row), flush=True), demo_init=not args.plain_init,
-            start_weights=args.from_weights,
+            start_weights=args.from_weights, until_step=args.until_step,
             start_state=TrainerState(**json.loads(args.from_state.read_text())["state"]) if args.from_state else None)
 
 
