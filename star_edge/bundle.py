@@ -16,6 +16,9 @@ Manifest fields (format_version 1)::
      "files": {"<relative path>": {"sha256": hex str, "bytes": int}, ...},
      "backends": ["torch", ...]}
 
+plus optional fields this module does not interpret: "card" (the model card of a trained
+bundle) or "tensorrt" (the engines, read by `tensorrt_runtime`).
+
 This module only reads; `star_edge.export.bundle_writer` writes. Every listed file is checked
 against its size and sha256 (hashes are cached per process by path, size and mtime). Paths must stay
 inside the bundle, and pickle-based weight files are refused: nothing is ever unpickled.
