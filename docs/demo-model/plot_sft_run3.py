@@ -22,13 +22,16 @@ NAMES = {
     "C_init_noloc_vis": "C: as A, vision lr x0.1 + wd 0.1 (shipped)",
     "D_init_loc": "D: as A, locations in traces",
 }
+#: C continued on the CPU from its float16 weights (fresh optimiser): drawn as C's loss.
+CONTINUATION = {"C_init_noloc_vis_cpu": "C_init_noloc_vis"}
 
 
 def main() -> None:
     losses: dict[str, list[tuple[int, float]]] = defaultdict(list)
     with open(HERE / "sft-run3-log.csv", newline="") as handle:
         for row in csv.DictReader(handle):
-            losses[row["variant"]].append((int(row["samples"]), float(row["loss"])))
+            variant = CONTINUATION.get(row["variant"], row["variant"])
+            losses[variant].append((int(row["samples"]), float(row["loss"])))
     evaluations = json.loads((HERE / "sft-run3-eval.json").read_text())
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for variant, name in NAMES.items():
