@@ -6,14 +6,12 @@ tokenizer (see `tiny_reasoner`), and a real segment_anything SAM at small dims (
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from star_edge.bundle import Bundle
 from star_edge.export.bundle_writer import write_manifest
 from star_edge.export.tiny_reasoner import TinyDims, write_tiny_reasoner
-from star_edge.export.tiny_sam import make_tiny_sam, write_sam_dir
-from star_edge.sam.checkpoints import read_sam_config
+from star_edge.export.tiny_sam import TINY_SAM_CONFIG, make_tiny_sam, write_sam_dir
 
 
 def make_tiny_bundle(
@@ -22,7 +20,6 @@ def make_tiny_bundle(
     family: str = "qwen2_5_vl",
     scripted_answers: list[str] | None = None,
     dims: TinyDims = TinyDims(),
-    sam_dir: str | Path | None = None,
 ) -> Bundle:
     """Write a complete tiny bundle to `path` (created if absent); deterministic for a seed.
 
@@ -34,8 +31,6 @@ def make_tiny_bundle(
             these texts (greedy: the first; sampling: any of them). A test fixture: the model
             classes and code paths are real, the answers known in advance.
         dims: the reasoner's sizes.
-        sam_dir: a sam/ folder (config.json + model.safetensors) to copy instead of a random
-            tiny SAM, e.g. the trained one shipped with the package.
 
     Returns:
         The written bundle, verified by the runtime's reader.
@@ -45,15 +40,8 @@ def make_tiny_bundle(
     reasoner = write_tiny_reasoner(root / "reasoner", seed=seed, family=family,
                                    scripted_answers=scripted_answers, dims=dims)
     reasoner = {**reasoner, "path": "reasoner"}
-    if sam_dir is None:
-        sam_module, sam_config = make_tiny_sam(seed=seed)
-        write_sam_dir(sam_module, sam_config, root / "sam")
-    else:
-        sam_config = read_sam_config(sam_dir)
-        (root / "sam").mkdir(exist_ok=True)
-        for name in ("config.json", "model.safetensors"):
-            shutil.copyfile(Path(sam_dir) / name, root / "sam" / name)
-    sam = {"kind": sam_config["kind"], "variant": sam_config["variant"], "path": "sam",
-           "image_size": sam_config["image_size"]}
+    sam_module, sam_config = make_tiny_sam(seed=seed)
+    write_sam_dir(sam_module, sam_config, root / "sam")
+    sam = {"kind": "sam1", "variant": "tiny", "path": "sam", "image_size": TINY_SAM_CONFIG["image_size"]}
     name = f"tiny-{family}-seed{seed}" + ("-scripted" if scripted_answers else "")
     return write_manifest(root, name=name, reasoner=reasoner, sam=sam, trained=False)
