@@ -1,4 +1,5 @@
-"""Reading the JSON description files that export writes next to a bundle's graphs (e.g.
+"""Reading the JSON files of a bundle: `read_json` for any of them (e.g. sam/config.json), and
+`read_description` for the description files that export writes next to a bundle's graphs (e.g.
 onnx/sam_onnx.json, onnx/reasoner_onnx.json): a format name, a format version and named sections."""
 
 from __future__ import annotations
@@ -8,6 +9,21 @@ from pathlib import Path
 from typing import Any
 
 from star_edge.errors import BundleError
+
+
+def read_json(path: Path, what: str) -> Any:
+    """The parsed content of the JSON file `path`.
+
+    Raises:
+        BundleError: the file is missing (the message says it should hold `what`, e.g. "the SAM
+            config") or is not readable JSON; the message names the file.
+    """
+    if not path.is_file():
+        raise BundleError(f"{path} is missing (expected {what})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not readable JSON: {exc}") from exc
 
 
 def read_description(
@@ -23,12 +39,7 @@ def read_description(
         BundleError: missing or unreadable file, another format or version, a missing section;
             the message names the file.
     """
-    if not path.is_file():
-        raise BundleError(f"{path} is missing (expected {what})")
-    try:
-        description = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is not readable JSON: {exc}") from exc
+    description = read_json(path, what)
     if not isinstance(description, dict) or description.get("format") != format_name:
         raise BundleError(f"{path} is not a {format_name} description")
     if description.get("format_version") != format_version:

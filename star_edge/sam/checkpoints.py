@@ -33,13 +33,13 @@ names, so a converted official checkpoint loads unchanged. For kind "sam2" it ho
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from star_edge.descriptions import read_json
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
 from star_edge.sam.official import build_sam_from_config, check_config
 from star_edge.sam.sam2_config import check_sam2_config
@@ -95,12 +95,7 @@ def read_sam_config(directory: str | Path) -> dict[str, Any]:
     if not Path(directory).is_dir():
         expected = f"{CONFIG_FILE} + {WEIGHTS_FILE}"
         raise BundleError(f"SAM folder {directory} is missing (expected {expected})")
-    if not path.is_file():
-        raise BundleError(f"{path} is missing (expected the SAM config)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is not readable JSON: {exc}") from exc
+    config = read_json(path, "the SAM config")
     try:
         if isinstance(config, dict) and config.get("kind") == "sam2":
             check_sam2_config(config)
