@@ -123,11 +123,11 @@ def run_sft(
     """Train the demo reasoner's SFT phase in `run_dir`, resuming from its checkpoint if any.
 
     `until_step` stops at that step whatever the run's position (a rerun after it is a no-op
-    beyond rewriting the checkpoint). Without a checkpoint in `run_dir`, `start_weights` (with the run's `start_state`) continues a
-    run whose weights alone were kept (`SFTTrainer.start_from`).
-    `run_dir/init/` holds the initial checkpoint (`demo_init`: see `init_reasoner`) and `run_dir/reasoner_manifest.json` its manifest
-    section (both written on first use), `run_dir/checkpoint/` the latest state, `run_dir/log.csv`
-    the log.
+    beyond rewriting the checkpoint). Without a checkpoint in `run_dir`, `start_weights` (with the
+    run's `start_state`) continues a run whose weights alone were kept (`SFTTrainer.start_from`).
+    `run_dir/init/` holds the initial checkpoint (`demo_init`: see `init_reasoner`) and
+    `run_dir/reasoner_manifest.json` its manifest section (both written on first use),
+    `run_dir/checkpoint/` the latest state, `run_dir/log.csv` the log.
     """
     run_dir = Path(run_dir)
     init_dir = run_dir / "init"
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_seconds=args.max_seconds, source=CurriculumSource(phases), eval_samples=eval_samples,
             on_log=lambda row: print(json.dumps(row), flush=True), demo_init=not args.plain_init,
             start_weights=args.from_weights, until_step=args.until_step,
-            start_state=TrainerState(**json.loads(args.from_state.read_text())["state"]) if args.from_state else None)
+            start_state=TrainerState.read(args.from_state) if args.from_state else None)
 
 
 if __name__ == "__main__":

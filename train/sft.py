@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from star_edge.answer import parse
 from star_edge.reasoner.prompts import build_messages
@@ -105,6 +106,11 @@ class TrainerState:
     step: int = 0
     samples_seen: int = 0
     elapsed_s: float = 0.0
+
+    @classmethod
+    def read(cls, path: str | Path) -> TrainerState:
+        """The state recorded in a checkpoint's trainer_state.json."""
+        return cls(**json.loads(Path(path).read_text())["state"])
 
 
 def answer_for(sample: GroundingSample, reasoner: TorchReasoner, with_labels: bool = True) -> str:
@@ -271,15 +277,13 @@ class SFTTrainer:
         self.model.load_state_dict(saved.state_dict())
         self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
         torch.set_rng_state(torch.load(self.checkpoint_dir / "rng.pt", weights_only=True))
-        self.state = TrainerState(**json.loads(state_file.read_text())["state"])
+        self.state = TrainerState.read(state_file)
         return True
 
     def start_from(self, weights_file: str | Path, state: TrainerState) -> None:
         """Continue a run from its weights alone (a `model.safetensors`, float16 or float32) at its
         stream position `state`; the optimiser starts afresh (its moments are not kept between
         machines), the learning-rate schedule goes on from `state.step`."""
-        from safetensors.torch import load_file
-
         weights = {name: tensor.float() for name, tensor in load_file(str(weights_file)).items()}
         self.model.load_state_dict(weights, strict=True)
         self.state = TrainerState(**asdict(state))
