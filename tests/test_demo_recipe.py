@@ -120,6 +120,7 @@ def test_demo_bundle_is_rebuilt_byte_for_byte_from_its_weights_and_card(tmp_path
 
     from star_edge.bundle import load_bundle
     from star_edge.defaults import DEMO_BUNDLE_DIR
+    from star_edge.errors import BundleError
     from star_edge.train.demo_bundle import write_demo_bundle
 
     shipped = load_bundle(DEMO_BUNDLE_DIR)
@@ -129,8 +130,14 @@ def test_demo_bundle_is_rebuilt_byte_for_byte_from_its_weights_and_card(tmp_path
     weights = load_file(str(shipped.reasoner_dir / "model.safetensors"))
     weights.pop("lm_head.weight")
     save_file(weights, str(tmp_path / "partial.safetensors"))
-    with pytest.raises(RuntimeError, match="do not match"):
+    with pytest.raises(BundleError, match="do not match"):
         write_demo_bundle(tmp_path / "c", tmp_path / "partial.safetensors", shipped.sam_dir)
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 16)
+    for weights in (tmp_path / "broken.safetensors", tmp_path / "nowhere.safetensors"):
+        with pytest.raises(BundleError, match="not a readable safetensors file"):
+            write_demo_bundle(tmp_path / "d", weights, shipped.sam_dir)
+    with pytest.raises(BundleError, match="SAM folder"):
+        write_demo_bundle(tmp_path / "e", shipped.reasoner_dir / "model.safetensors", tmp_path / "no-sam")
 
 
 def test_run_sft_until_step_stops_there_across_reruns(tmp_path):

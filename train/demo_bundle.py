@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from star_edge.bundle import Bundle
+from star_edge.errors import BundleError
 from star_edge.export.bundle_writer import write_manifest
 from star_edge.sam.checkpoints import read_sam_config
 from star_edge.train.demo import init_reasoner
@@ -31,24 +33,27 @@ def write_demo_bundle(out: str | Path, reasoner_weights: str | Path, sam_dir: st
     """Write the demo bundle into `out` (replaced whole); returns it as the runtime reads it.
 
     Raises:
-        RuntimeError: `reasoner_weights` does not fit the demo reasoner (missing, extra or
-            differently shaped tensors).
+        BundleError: `reasoner_weights` is missing, unreadable or does not fit the demo reasoner
+            (missing, extra or differently shaped tensors); `sam_dir` is not a SAM folder.
     """
     out = Path(out)
+    sam_config = read_sam_config(sam_dir)
     with tempfile.TemporaryDirectory() as scratch:
         section = init_reasoner(Path(scratch) / "reasoner", demo_init=False)
         initial = load_file(str(Path(scratch) / "reasoner" / "model.safetensors"))
-        trained = load_file(str(reasoner_weights))
+        try:
+            trained = load_file(str(reasoner_weights))
+        except (OSError, SafetensorError) as exc:
+            raise BundleError(f"{reasoner_weights}: not a readable safetensors file ({exc})") from exc
         shapes = {name: tuple(t.shape) for name, t in initial.items()}
         if shapes != {name: tuple(t.shape) for name, t in trained.items()}:
-            raise RuntimeError(f"{reasoner_weights}: the tensors do not match the demo reasoner's")
+            raise BundleError(f"{reasoner_weights}: the tensors do not match the demo reasoner's")
         save_file({name: t.to(torch.float16).contiguous() for name, t in trained.items()},
                   str(Path(scratch) / "reasoner" / "model.safetensors"), metadata={"format": "pt"})
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
         shutil.copytree(Path(scratch) / "reasoner", out / "reasoner")
-    sam_config = read_sam_config(sam_dir)
     (out / "sam").mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(Path(sam_dir) / name, out / "sam" / name)
@@ -67,7 +72,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--card", type=Path, default=None, help="a JSON model card stored in the manifest")
     args = parser.parse_args(argv)
     card = json.loads(args.card.read_text()) if args.card else None
-    bundle = write_demo_bundle(args.out, args.reasoner_weights, args.sam_dir, card)
+    try:
+        bundle = write_demo_bundle(args.out, args.reasoner_weights, args.sam_dir, card)
+    except BundleError as exc:
+        parser.exit(2, f"error: {exc}\n")
     print(f"wrote {bundle.root}")
 
 
