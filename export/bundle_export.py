@@ -58,11 +58,14 @@ def onnx_fingerprint(bundle: Bundle, variants: tuple[str, ...]) -> str:
     import torch
     import transformers
 
+    from star_edge.reasoner.onnx_backend import FORMAT_VERSION as REASONER_FORMAT
+    from star_edge.sam.onnx_backend import FORMAT_VERSION as SAM_FORMAT
+
     folders = (bundle.reasoner.path + "/", bundle.sam.path + "/")
     listed = {path: entry.sha256 for path, entry in bundle.files.items() if path.startswith(folders)}
     record = {"files": listed, "reasoner": bundle.manifest["reasoner"], "sam": bundle.manifest["sam"],
               "variants": sorted(variants), "torch": torch.__version__, "transformers": transformers.__version__,
-              "onnx": onnx.__version__}
+              "onnx": onnx.__version__, "formats": [REASONER_FORMAT, SAM_FORMAT]}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 

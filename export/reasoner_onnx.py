@@ -2,7 +2,8 @@
 decoder's int8 / fp16 variants, and the description the runtime reads.
 
 Files written into the onnx/ folder (graphs in `reasoner_graphs`; names and format read by
-`star_edge.reasoner.onnx_backend`), each graph with its weights beside it in `<file>.data`:
+`star_edge.reasoner.onnx_backend`), each graph with its own weights (those not linked to the
+checkpoint) in `<file>.data`:
 
     reasoner_vision.onnx        pixel_values -> image_features [, deepstack_features]
     reasoner_embed.onnx         input_ids -> inputs_embeds
@@ -17,7 +18,9 @@ Files written into the onnx/ folder (graphs in `reasoner_graphs`; names and form
                                 verification result and the fingerprint of what was exported
 
 The graphs come from torch.onnx.export (the torch.export-based exporter) at opset 18 and are checked
-with onnx.checker. Verification runs a probe (an image and a query) through onnxruntime and through
+with onnx.checker. By default the weights that are tensors of the checkpoint (as they are or
+transposed) are then read from its safetensors at load instead of being copied into the `.data`
+files (`export.weight_links`); the description lists them. Verification runs a probe (an image and a query) through onnxruntime and through
 the torch reasoner: the numpy preprocessing must give the processor's tokens, pixels and positions
 exactly, and the fp32 graphs the torch outputs within `TOLERANCE` (max |difference| relative to the
 largest |value| of the output, at least 1).
@@ -40,6 +43,8 @@ import torch
 from star_edge.errors import BundleError, InvalidInputError
 from star_edge.export.onnx_files import OPSET, graph_description, quiet_exporter
 from star_edge.export.reasoner_graphs import DecoderGraph, EmbedGraph, VisionGraph, packed_attention
+from star_edge.export.weight_links import checkpoint_files, link_graph
+from star_edge.onnx_weights import LINKED_KEY
 from star_edge.reasoner import build_messages, sampling
 from star_edge.reasoner.onnx_backend import (
     DECODER_VARIANTS,
@@ -289,6 +294,7 @@ def export_reasoner_onnx(
     variants: tuple[str, ...] = ("fp32",),
     verify: bool = True,
     progress: Callable[[str], None] | None = None,
+    link_weights: bool = True,
 ) -> dict[str, Any]:
     """Export the reasoner of a bundle into `onnx_dir` (created if needed; its files overwritten).
 
@@ -299,6 +305,9 @@ def export_reasoner_onnx(
         variants: decoder variants, "fp32" always among them; "int8", "fp16" optional.
         verify: compare with torch on a probe (see the module doc).
         progress: called with a short line before each step.
+        link_weights: read the weights that are tensors of the checkpoint from there instead of
+            a copy beside the graphs (`weight_links`; only where `reasoner_dir` lies in
+            `onnx_dir`'s parent folder, the bundle).
 
     Returns:
         The description written to onnx_dir/reasoner_onnx.json.
@@ -339,6 +348,12 @@ def export_reasoner_onnx(
                      for variant in DECODER_VARIANTS if variant in variants},
         "fingerprint": reasoner_fingerprint(reasoner_dir, reasoner_manifest, variants),
     }
+    if link_weights:
+        say("linking the graphs' weights to the checkpoint")
+        for graph in [description["vision"], description["embed"], *description["decoders"].values()]:
+            linked = link_graph(folder / graph["file"], checkpoint_files(reasoner_dir))
+            if linked:
+                graph[LINKED_KEY] = linked
     (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     if verify:
         say("comparing the graphs with torch")

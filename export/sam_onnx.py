@@ -13,7 +13,9 @@ Files written into the onnx/ folder (names in `star_edge.sam.onnx_backend`'s for
                             dynamic axes named, and the SAM settings for pre/post-processing
 
 The graphs come from torch.onnx.export (the torch.export-based exporter) at opset 18; each is
-checked with onnx.checker, and by default run once on onnxruntime against torch.
+checked with onnx.checker, and by default run once on onnxruntime against torch. By default the
+weights that are tensors of sam/model.safetensors are read from there at load instead of being
+copied into the `.data` files (`export.weight_links`); the description lists them.
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputE
 from star_edge.export.onnx_files import OPSET, graph_description, quiet_exporter
 from star_edge.sam.checkpoints import load_sam, read_sam_config
 from star_edge.sam.inputs import labelled_points
+from star_edge.export.weight_links import checkpoint_files, link_graph
+from star_edge.onnx_weights import LINKED_KEY
 from star_edge.sam.onnx_backend import (
     DECODER_VARIANTS,
     DESCRIPTION_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
+    onnxruntime_sessions,
 )
 from star_edge.sam.prompt_decoder import PromptDecoder
 
@@ -129,17 +134,14 @@ def _write_int8(source: Path, target: Path) -> None:
 def _verify(
     folder: Path, description: dict[str, Any], sam: torch.nn.Module, decoder: PromptDecoder
 ) -> None:
-    """Run the fp32 graphs once on onnxruntime against torch: max |difference| <= 1e-3."""
-    import onnxruntime
-
+    """Run the fp32 graphs once on onnxruntime (as the runtime opens them) against torch: max
+    |difference| <= 1e-3."""
     generator = torch.Generator().manual_seed(0)
     size = description["sam"]["image_size"]
     pixels = torch.randn((1, 3, size, size), generator=generator)
-    providers = ["CPUExecutionProvider"]
-    encoder = onnxruntime.InferenceSession(str(folder / ENCODER_FILE), providers=providers)
-    decoder_session = onnxruntime.InferenceSession(
-        str(folder / DECODER_FILES["fp32"]), providers=providers
-    )
+    open_session = onnxruntime_sessions("cpu", None)
+    encoder = open_session(folder / ENCODER_FILE, description["encoder"])
+    decoder_session = open_session(folder / DECODER_FILES["fp32"], description["decoders"]["fp32"])
     boxes = np.array([[10.0, 20.0, 200.0, 150.0], [0.0, 0.0, size - 1.0, size - 1.0]])
     points = np.array([[50.0, 60.0], [size / 2, size / 3]])
     coords, labels = labelled_points(boxes, points, (size, size), size)
@@ -161,11 +163,15 @@ def export_sam_onnx(
     onnx_dir: str | Path,
     variants: tuple[str, ...] = DECODER_VARIANTS,
     verify: bool = True,
+    link_weights: bool = True,
 ) -> dict[str, Any]:
     """Export the SAM of a sam/ folder into `onnx_dir` (created if needed; files overwritten).
 
     variants: decoder variants to write, "fp32" always among them.
     verify: run the fp32 graphs once on onnxruntime and compare with torch.
+    link_weights: read the weights that are tensors of sam/model.safetensors from there instead
+        of a copy beside the graphs (`weight_links`; `onnx_dir` and `sam_dir` must then share
+        their parent folder, the bundle).
 
     Returns:
         The description written to onnx_dir/sam_onnx.json.
@@ -223,6 +229,11 @@ def export_sam_onnx(
             if variant in variants
         },
     }
+    if link_weights:
+        for graph in [description["encoder"], *description["decoders"].values()]:
+            linked = link_graph(folder / graph["file"], checkpoint_files(Path(sam_dir)))
+            if linked:
+                graph[LINKED_KEY] = linked
     if verify:
         _verify(folder, description, sam, decoder)
     text = json.dumps(description, indent=2) + "\n"

@@ -1,7 +1,8 @@
 """Build a bundle's TensorRT engines from its ONNX graphs (TensorRT 10 Python API) and record them.
 
 `build_bundle_engines` parses each fp32 ONNX graph of onnx/ (`parse_from_file`, so the weights in
-`<file>.data` beside it resolve), adds the optimisation profiles of `tensorrt_profiles`, builds a
+`<file>.data` beside it resolve; a graph whose weights are linked to the checkpoint is first
+written whole to a scratch folder, `weight_links.materialize_graph`), adds the optimisation profiles of `tensorrt_profiles`, builds a
 serialised engine per graph into `tensorrt/<key>/<graph>.engine` and returns the record the
 manifest keeps under `tensorrt.engines[<key>]` (format in `star_edge.tensorrt_runtime`; the
 manifest writer lists the files with their sha256). The key names the GPU architecture and the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +29,8 @@ from typing import Any
 
 from star_edge.errors import BundleError, InvalidInputError
 from star_edge.export.tensorrt_profiles import GraphPlan, Profile, ProfileSettings, bundle_plans
+from star_edge.export.weight_links import materialize_graph
+from star_edge.onnx_weights import LINKED_KEY
 from star_edge.tensorrt_runtime import Platform, tensorrt_logger
 
 PRECISIONS = ("fp16", "fp32")
@@ -130,6 +134,17 @@ def remove_unrecorded_engines(root: Path, records: dict[str, Any]) -> None:
         folder.rmdir()
 
 
+def described_graphs(onnx_dir: Path) -> dict[str, dict[str, Any]]:
+    """Graph file name -> its entry in reasoner_onnx.json or sam_onnx.json."""
+    from star_edge.reasoner.onnx_backend import read_description as reasoner_description
+    from star_edge.sam.onnx_backend import read_description as sam_description
+
+    reasoner, sam = reasoner_description(onnx_dir), sam_description(onnx_dir)
+    graphs = [reasoner["vision"], reasoner["embed"], *reasoner["decoders"].values(), sam["encoder"],
+              *sam["decoders"].values()]
+    return {str(graph.get("file")): graph for graph in graphs}
+
+
 def build_bundle_engines(
     root: Path,
     reasoner_dir: Path,
@@ -158,9 +173,13 @@ def build_bundle_engines(
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    with torch.cuda.device(platform.device_index):
+    described = described_graphs(root / "onnx")
+    with torch.cuda.device(platform.device_index), tempfile.TemporaryDirectory() as scratch:
         for name, plan in plans.items():
             say(f"building the TensorRT engine {name} ({precision}, {platform.engine_key})")
-            build_engine(root / "onnx" / plan.onnx_file, plan.profiles, precision, settings.workspace_bytes,
-                         folder / f"{name}.engine")
+            graph_path = root / "onnx" / plan.onnx_file
+            graph = described.get(plan.onnx_file, {})
+            if LINKED_KEY in graph:  # the parser reads weights from files beside the graph only
+                graph_path = materialize_graph(graph_path, graph, Path(scratch) / plan.onnx_file)
+            build_engine(graph_path, plan.profiles, precision, settings.workspace_bytes, folder / f"{name}.engine")
     return engine_record(platform, precision, onnx_fingerprint, settings, plans)

@@ -31,8 +31,8 @@ def read_description(
 ) -> dict[str, Any]:
     """Read and check one description file.
 
-    path: the file; format_name / format_version: what its "format" and "format_version" must
-    be; sections: keys whose values must be JSON objects; what: how the file is named in the
+    path: the file; format_name: what its "format" must be; format_version: the newest
+    "format_version" this runtime reads (each version adds to the one before); sections: keys whose values must be JSON objects; what: how the file is named in the
     message when it is missing ("the SAM ONNX description").
 
     Raises:
@@ -42,9 +42,9 @@ def read_description(
     description = read_json(path, what)
     if not isinstance(description, dict) or description.get("format") != format_name:
         raise BundleError(f"{path} is not a {format_name} description")
-    if description.get("format_version") != format_version:
-        raise BundleError(f"{path}: format_version {description.get('format_version')!r}, "
-                          f"this runtime reads {format_version}")
+    version = description.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= format_version:
+        raise BundleError(f"{path}: format_version {version!r}, this runtime reads 1 to {format_version}")
     for key in sections:
         if not isinstance(description.get(key), dict):
             raise BundleError(f"{path}: missing section {key!r}")

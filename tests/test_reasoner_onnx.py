@@ -26,6 +26,7 @@ from star_edge.export.bundle_export import export_bundle
 from star_edge.export.reasoner_onnx import TOLERANCE, export_reasoner_onnx
 from star_edge.export.tiny import make_tiny_bundle
 from star_edge.export.tiny_reasoner import TinyDims, write_tiny_reasoner
+from star_edge.export.weight_links import materialize_graph
 from star_edge.reasoner import sampling
 from star_edge.reasoner.onnx_backend import DESCRIPTION_FILE, GRAPH_FILES, OnnxReasoner
 from star_edge.reasoner.torch_backend import TorchReasoner
@@ -74,7 +75,7 @@ def scripted_qwen25(tmp_path_factory) -> Path:
     return root
 
 
-def test_export_writes_checked_graphs_and_declares_them(random_qwen3, scripted_qwen25):
+def test_export_writes_checked_graphs_and_declares_them(random_qwen3, scripted_qwen25, tmp_path):
     for folder, deepstack in ((random_qwen3[2] / "onnx", 1), (scripted_qwen25 / "onnx", 0)):
         description = json.loads((folder / DESCRIPTION_FILE).read_text())
         assert description["opset"] >= 17 and description["reasoner"]["deepstack_layers"] == deepstack
@@ -91,12 +92,17 @@ def test_export_writes_checked_graphs_and_declares_them(random_qwen3, scripted_q
         vision = description["vision"]
         assert [t["shape"] for t in vision["inputs"]] == [[256, 3 * 2 * description["reasoner"]["image"]["patch_size"] ** 2]]
         assert [t["shape"] for t in vision["outputs"]] == [[64, 128]] + [[deepstack, 64, 128]] * deepstack
+        for graph in [vision, description["embed"], decoder]:  # float32 weights read from the checkpoint
+            assert list(graph["linked"]) == ["../reasoner/model.safetensors"]
         for graph in [vision, description["embed"], *description["decoders"].values()]:
-            onnx.checker.check_model(str(folder / graph["file"]), full_check=True)
+            whole = materialize_graph(folder / graph["file"], graph, tmp_path / graph["file"])
+            onnx.checker.check_model(str(whole), full_check=True)
     bundle = json.loads((scripted_qwen25 / "star_edge.json").read_text())
     assert bundle["backends"] == ["torch", "onnx"]
-    assert {f"onnx/{GRAPH_FILES['decoder']}", f"onnx/{GRAPH_FILES['decoder']}.data",
-            "onnx/sam_decoder.onnx"} <= set(bundle["files"])
+    assert {f"onnx/{GRAPH_FILES['decoder']}", "onnx/sam_decoder.onnx"} <= set(bundle["files"])
+    weights = sum(entry["bytes"] for path, entry in bundle["files"].items() if path.startswith("reasoner/"))
+    copied = sum(entry["bytes"] for path, entry in bundle["files"].items() if path.startswith("onnx/reasoner_"))
+    assert copied < 0.5 * weights  # a copy of the weights alone would be >= 1.0x
 
 
 @pytest.mark.parametrize("query", QUERIES)

@@ -12,17 +12,24 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from sam_reference import PHOTOS, mask_iou, natural_image, noisy_tiny_sam, photo, random_prompts
 from star_edge.errors import BundleError, InvalidInputError
 from star_edge.export.sam_onnx import DECODER_FILES, ENCODER_FILE, export_sam_onnx
 from star_edge.export.tiny_sam import TINY_SAM_CONFIG, write_sam_dir
+from star_edge.export.weight_links import materialize_graph
 from star_edge.sam import MaskDecoder
 from star_edge.sam.inputs import labelled_points
-from star_edge.sam.onnx_backend import DESCRIPTION_FILE, OnnxImageEmbedding, OnnxMaskDecoder
+from star_edge.sam.onnx_backend import (
+    DESCRIPTION_FILE,
+    OnnxImageEmbedding,
+    OnnxMaskDecoder,
+    onnxruntime_sessions,
+    read_description,
+)
 from star_edge.sam.prompt_decoder import PromptDecoder
 
 
@@ -50,7 +57,7 @@ def onnx_decoder(bundle: Path) -> OnnxMaskDecoder:
     return OnnxMaskDecoder.from_dir(bundle / "onnx")
 
 
-def test_export_writes_checked_graphs_and_declares_their_inputs_and_outputs(bundle: Path) -> None:
+def test_export_writes_checked_graphs_and_declares_their_inputs_and_outputs(bundle: Path, tmp_path: Path) -> None:
     folder = bundle / "onnx"
     description = json.loads((folder / DESCRIPTION_FILE).read_text())
     assert description["opset"] >= 17
@@ -73,7 +80,8 @@ def test_export_writes_checked_graphs_and_declares_their_inputs_and_outputs(bund
             {"name": "low_res_masks", "dtype": "float32", "shape": ["prompts", 4, 64, 64]},
             {"name": "iou_predictions", "dtype": "float32", "shape": ["prompts", 4]},
         ]
-        model = onnx.load(str(folder / graph["file"]))
+        whole = materialize_graph(folder / graph["file"], graph, tmp_path / graph["file"])
+        model = onnx.load(str(whole))
         onnx.checker.check_model(model, full_check=True)
         assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
 
@@ -88,9 +96,8 @@ def test_decoder_graph_equals_torch_within_1e3(
         boxes if kind != "point" else None, points if kind != "box" else None, (200, 300), 256
     )
     features = torch.randn((1, 64, 16, 16), generator=torch.Generator().manual_seed(count))
-    session = onnxruntime.InferenceSession(
-        str(bundle / "onnx" / DECODER_FILES["fp32"]), providers=["CPUExecutionProvider"]
-    )
+    graph = read_description(bundle / "onnx")["decoders"]["fp32"]
+    session = onnxruntime_sessions("cpu", None)(bundle / "onnx" / DECODER_FILES["fp32"], graph)
     found = session.run(
         None, {"image_embeddings": features.numpy(), "point_coords": coords, "point_labels": labels}
     )
@@ -179,10 +186,12 @@ def test_bad_inputs_raise_the_same_errors_as_the_torch_backend(
         onnx_decoder.embed(np.zeros((4, 4, 3), np.float32))
 
 
-@pytest.mark.parametrize("damage", ["no_description", "no_graph", "bad_json", "version", "garbage"])
+@pytest.mark.parametrize("damage", ["no_description", "no_graph", "bad_json", "version", "garbage",
+                                    "no_checkpoint", "other_checkpoint", "escaping_link"])
 def test_broken_folders_name_the_file(bundle: Path, tmp_path: Path, damage: str) -> None:
-    folder = shutil.copytree(bundle / "onnx", tmp_path / "onnx")
+    folder = shutil.copytree(bundle, tmp_path / "bundle") / "onnx"
     description = folder / DESCRIPTION_FILE
+    checkpoint = folder.parent / "sam" / "model.safetensors"
     if damage == "no_description":
         description.unlink()
         expected = rf"{DESCRIPTION_FILE} is missing"
@@ -196,9 +205,22 @@ def test_broken_folders_name_the_file(bundle: Path, tmp_path: Path, damage: str)
         content = json.loads(description.read_text())
         description.write_text(json.dumps({**content, "format_version": 9}))
         expected = r"sam_onnx\.json: format_version 9"
-    else:
+    elif damage == "garbage":
         (folder / DECODER_FILES["fp32"]).write_bytes(b"not a graph")
         expected = r"sam_decoder\.onnx is not a loadable ONNX graph"
+    elif damage == "no_checkpoint":
+        checkpoint.unlink()
+        expected = r"sam/model\.safetensors is missing \(the weights of .*sam_decoder\.onnx are read from it\)"
+    elif damage == "other_checkpoint":  # a SAM of other dimensions put in place of the exported one
+        tensors = load_file(checkpoint)
+        save_file({name: torch.zeros(3, 5) if value.ndim == 2 else value for name, value in tensors.items()},
+                  checkpoint)
+        expected = r"model\.safetensors: tensor '.*' gives shape \[\d+, \d+\], the graph's initializer"
+    else:
+        content = json.loads(description.read_text())
+        content["decoders"]["fp32"]["linked"] = {"../../elsewhere.safetensors": {}}
+        description.write_text(json.dumps(content))
+        expected = r"links weights from \.\./\.\./elsewhere\.safetensors, which lies outside the bundle"
     with pytest.raises(BundleError, match=expected):
         OnnxMaskDecoder.from_dir(folder)
 

@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from star_edge.cli import app
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
 from star_edge.export.bundle_export import export_bundle
 from star_edge.export.bundle_writer import write_manifest
-from star_edge.export.tensorrt_engines import current_engine_records, engine_record
+from star_edge.export.tensorrt_engines import current_engine_records, described_graphs, engine_record
 from star_edge.export.tensorrt_profiles import (
     ProfileSettings,
     axis_range,
@@ -43,10 +44,12 @@ from star_edge.export.tensorrt_profiles import (
 )
 from star_edge.export.tiny import make_tiny_bundle
 from star_edge.export.tiny_reasoner import TinyDims
+from star_edge.export.weight_links import materialize_graph
 from star_edge.reasoner.onnx_backend import OnnxReasoner
 from star_edge.reasoner.onnx_backend import read_description as read_reasoner_description
 from star_edge.reasoner.tensorrt_backend import tensorrt_reasoner
 from star_edge.sam.inputs import labelled_points
+from star_edge.sam.onnx_backend import onnxruntime_sessions
 from star_edge.sam.onnx_backend import read_description as read_sam_description
 from star_edge.sam.tensorrt_backend import tensorrt_mask_decoder
 from star_edge.segmenter import Segmenter
@@ -72,7 +75,10 @@ class OnnxRuntimeEngine:
     input shapes of every run."""
 
     def __init__(self, path: Path) -> None:
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        # as `build_bundle_engines` gives a graph to TensorRT's parser: whole, its weights beside it
+        whole = Path(tempfile.mkdtemp()) / path.name
+        materialize_graph(path, described_graphs(path.parent)[path.name], whole)
+        self.session = onnxruntime.InferenceSession(str(whole), providers=["CPUExecutionProvider"])
         self.device = torch.device("cpu")
         self.input_names = [value.name for value in self.session.get_inputs()]
         self.output_names = [value.name for value in self.session.get_outputs()]
@@ -178,8 +184,7 @@ def test_profile_shapes_are_valid_inputs_of_the_onnx_graphs(exported, plans):
     described, axis_sets = _described(exported), _axis_sets(exported)
     for name, sets in axis_sets.items():
         graph = described[name]
-        session = onnxruntime.InferenceSession(str(exported / "onnx" / graph["file"]),
-                                               providers=["CPUExecutionProvider"])
+        session = onnxruntime_sessions("cpu", None)(exported / "onnx" / graph["file"], graph)
         for axes, profile in zip(sets, plans[name].profiles):
             for which in range(3):
                 feeds = {}

@@ -15,9 +15,9 @@ What runs the three graphs is a `ReasonerGraphs`: onnxruntime sessions by defaul
 (`reasoner.tensorrt_backend`); the cache values are the runner's own (onnxruntime values, CUDA
 tensors), so they stay on its device between steps.
 
-Description (format_version 1)::
+Description (format_version 2; version 1 had no "linked")::
 
-    {"format": "star-edge-reasoner-onnx", "format_version": 1, "opset": int,
+    {"format": "star-edge-reasoner-onnx", "format_version": 2, "opset": int,
      "reasoner": {"family", "frame", "prompt_template", "prompt": {"prefix", "suffix", "image_token"},
                   "image": {"input_size", "patch_size", "temporal_patch_size", "merge_size", "mean",
                             "std", "rescale_factor", "grid_thw", "image_tokens"},
@@ -26,6 +26,7 @@ Description (format_version 1)::
      "vision": GRAPH, "embed": GRAPH, "decoders": {"fp32": GRAPH, "int8": GRAPH, "fp16": GRAPH},
      "fingerprint": str, "verified": {"tolerance", "vision", "prefill_logits", ...}}
     GRAPH = {"file": str, "inputs": [TENSOR], "outputs": [TENSOR]};  TENSOR = {"name", "dtype", "shape"}
+            [+ "linked": weights read from the reasoner's safetensors, see `star_edge.onnx_weights`]
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from star_edge.reasoner.preprocess import ImageLayout, PromptText, PromptTokeniz
 
 DESCRIPTION_FILE = "reasoner_onnx.json"
 FORMAT_NAME = "star-edge-reasoner-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DECODER_VARIANTS = ("fp32", "int8", "fp16")
 GRAPH_FILES = {
     "vision": "reasoner_vision.onnx",

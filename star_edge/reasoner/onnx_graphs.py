@@ -12,19 +12,27 @@ from typing import Any
 
 import numpy as np
 
-from star_edge.errors import BackendUnavailableError, BundleError
-from star_edge.onnx_providers import INSTALL_HINT, execution_providers
+from star_edge.errors import BundleError
+from star_edge.onnx_providers import execution_providers
+from star_edge.onnx_weights import add_linked_initializers, linked_initializers
 
 
 class _Graph:
-    """One InferenceSession and its described input and output names."""
+    """One InferenceSession and its described input and output names; weights linked from the
+    bundle's checkpoint (`star_edge.onnx_weights`) are read and handed to the session."""
 
-    def __init__(self, folder: Path, graph: dict[str, Any], options: Any, providers: list[Any]) -> None:
+    def __init__(self, folder: Path, graph: dict[str, Any], threads: int | None, providers: list[Any]) -> None:
         import onnxruntime
 
         path = folder / str(graph.get("file", ""))
         if not path.is_file():
             raise BundleError(f"{path} is missing (listed in the ONNX description in {folder})")
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self._linked = linked_initializers(folder, graph)
+        add_linked_initializers(options, self._linked)
         try:
             self.session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
@@ -53,18 +61,10 @@ class OnnxRuntimeGraphs:
             BundleError: a graph missing, unloadable or not as described.
             InvalidInputError: a bad device name.
         """
-        try:
-            import onnxruntime
-        except ImportError as exc:
-            raise BackendUnavailableError(f"onnxruntime is not installed; {INSTALL_HINT}") from exc
         providers = execution_providers(device)
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        self._vision = _Graph(folder, description["vision"], options, providers)
-        self._embed = _Graph(folder, description["embed"], options, providers)
-        self._decoder = _Graph(folder, description["decoders"][decoder_variant], options, providers)
+        self._vision = _Graph(folder, description["vision"], threads, providers)
+        self._embed = _Graph(folder, description["embed"], threads, providers)
+        self._decoder = _Graph(folder, description["decoders"][decoder_variant], threads, providers)
         self._cache_inputs = self._decoder.inputs[-2 * int(description["reasoner"]["num_layers"]):]
         name, _, index = device.partition(":")
         self._device = (name, int(index or 0))

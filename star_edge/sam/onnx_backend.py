@@ -8,13 +8,14 @@ and post-processing need. Everything around the graphs is numpy: resizing, norma
 the image (`inputs`), prompts as labelled points (`inputs`), choosing the best output and upsampling
 it to the original pixels (`masks`).
 
-Description (format_version 1)::
+Description (format_version 2; version 1 had no "linked")::
 
-    {"format": "star-edge-sam-onnx", "format_version": 1, "opset": int,
+    {"format": "star-edge-sam-onnx", "format_version": 2, "opset": int,
      "sam": {"kind", "variant", "image_size", "embedding_size": [h, w], "embed_dim",
              "low_res_size": [4h, 4w], "num_outputs", "mask_threshold", "pixel_mean", "pixel_std"},
      "encoder": GRAPH, "decoders": {"fp32": GRAPH, "fp16": GRAPH, "int8": GRAPH (those present)}}
     GRAPH = {"file": str, "inputs": [TENSOR], "outputs": [TENSOR]}   (in the order below)
+            [+ "linked": weights read from sam/model.safetensors, see `star_edge.onnx_weights`]
     TENSOR = {"name": str, "dtype": str, "shape": [int | axis name]}
 
 Encoder: pixels (1, 3, S, S) float32 -> image_embeddings (1, C, h, w) float32. Decoder:
@@ -36,13 +37,14 @@ import numpy as np
 from star_edge.descriptions import read_description as read_json_description
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
 from star_edge.onnx_providers import execution_providers
+from star_edge.onnx_weights import add_linked_initializers, linked_initializers
 from star_edge.sam.cache import EmbeddingCache
 from star_edge.sam.inputs import check_image, check_prompts, encoder_input, labelled_points
 from star_edge.sam.masks import best_outputs, upsample_masks, upsampling_matrices
 
 DESCRIPTION_FILE = "sam_onnx.json"
 FORMAT_NAME = "star-edge-sam-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DECODER_VARIANTS = ("fp32", "fp16", "int8")
 DEFAULT_CACHE_SIZE = 8
 
@@ -71,9 +73,10 @@ def read_description(onnx_dir: str | Path) -> dict[str, Any]:
                                  ("sam", "encoder", "decoders"), "the SAM ONNX description")
 
 
-#: Opens the graph file at a path as a session: `run(output_names, feeds) -> list[np.ndarray]`,
-#: `get_inputs()` and `get_outputs()` (objects with `.name`), as onnxruntime's InferenceSession.
-SessionOpener = Callable[[Path], Any]
+#: Opens the graph file at a path, given its description (reasoner_onnx.json / sam_onnx.json
+#: entry), as a session: `run(output_names, feeds) -> list[np.ndarray]`, `get_inputs()` and
+#: `get_outputs()` (objects with `.name`), as onnxruntime's InferenceSession.
+SessionOpener = Callable[[Path, dict[str, Any]], Any]
 
 
 def onnxruntime_sessions(device: str, threads: int | None) -> SessionOpener:
@@ -91,12 +94,15 @@ def onnxruntime_sessions(device: str, threads: int | None) -> SessionOpener:
             "onnxruntime is not installed; install it with: pip install 'star-edge[onnx]'"
         ) from exc
     providers = execution_providers(device)
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # errors only: no notes on skipped constant folding
-    if threads is not None:
-        options.intra_op_num_threads = threads
+    linked_weights: list[dict[str, np.ndarray]] = []  # alive as long as the opener (and its sessions)
 
-    def open_session(path: Path) -> Any:
+    def open_session(path: Path, graph: dict[str, Any]) -> Any:
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # errors only: no notes on skipped constant folding
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        linked_weights.append(linked_initializers(path.parent, graph))
+        add_linked_initializers(options, linked_weights[-1])
         try:
             return onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
@@ -174,7 +180,7 @@ class OnnxMaskDecoder:
     def _open(self, graph: dict[str, Any]) -> tuple:
         """A session for one described graph and its (input names, output names)."""
         path = _graph_file(self._folder, graph)
-        session = self._open_session(path)
+        session = self._open_session(path, graph)
         names = ([t["name"] for t in graph["inputs"]], [t["name"] for t in graph["outputs"]])
         found = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
         if sorted(names[0]) != sorted(found[0]) or sorted(names[1]) != sorted(found[1]):

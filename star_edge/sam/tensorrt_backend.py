@@ -55,7 +55,7 @@ def tensorrt_mask_decoder(onnx_dir: str | Path, open_engine: EngineOpener, max_b
         BundleError: the ONNX description or graph files are missing; an engine cannot be opened.
     """
 
-    def open_session(path: Path) -> TensorRTSession:
+    def open_session(path: Path, graph: dict) -> TensorRTSession:  # the engine holds its weights
         return TensorRTSession(open_engine(path.stem))
 
     return OnnxMaskDecoder.from_dir(onnx_dir, decoder_variant="fp32", max_batch=max_batch, open_session=open_session)
