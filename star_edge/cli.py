@@ -78,7 +78,8 @@ def segment(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON here.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write an overlay PNG here.")] = None,
     bundle: BundleOption = None,
-    backend: Annotated[str, typer.Option("--backend", help="torch | onnx | tensorrt")] = "torch",
+    backend: Annotated[str, typer.Option(
+        "--backend", help="auto (ONNX on a CPU where the bundle has it, else torch) | torch | onnx | tensorrt")] = "auto",
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
     adaptive: Annotated[bool, typer.Option(
         "--adaptive", help="Vote on answers as they finish; stop once the rest cannot change the vote.")] = False,
@@ -149,7 +150,8 @@ def evaluate(
         "--samples", "-n", help="N per query: 1 = greedy; several, comma-separated, e.g. 1,8.")] = "1",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first K images only.")] = None,
     bundle: BundleOption = None,
-    backend: Annotated[str, typer.Option("--backend", help="torch | onnx | tensorrt")] = "torch",
+    backend: Annotated[str, typer.Option(
+        "--backend", help="auto (ONNX on a CPU where the bundle has it, else torch) | torch | onnx | tensorrt")] = "auto",
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.")] = None,
     plots: Annotated[Optional[Path], typer.Option(
@@ -181,7 +183,7 @@ def evaluate(
             errors.print(f"note: bundle '{segmenter.bundle.name}' is untrained (weights from config); "
                          "expect scores near 0.", highlight=False)
         meta = {"data": f"synthetic seed {seed}, {count} samples" if synthetic else str(data),
-                "bundle": segmenter.bundle.name, "backend": backend, "device": device}
+                "bundle": segmenter.bundle.name, "backend": segmenter.backend, "device": device}
         total = len(dataset) if limit is None else min(limit, len(dataset))
         with Progress(console=console, disable=not procs.is_main, transient=True) as bar:
             task = bar.add_task("evaluating", total=len(range(procs.index, total, procs.count)))

@@ -75,11 +75,15 @@ class Segmenter:
         reasoner: ReasonerBackend,
         mask_decoder: MaskDecoderBackend,
         vote_config: VoteConfig | None = None,
+        backend: str | None = None,
     ) -> None:
+        """`backend`: the name of the backend that runs the models ("torch", "onnx", "tensorrt"),
+        as `from_pretrained` chose it; None for backends given here directly."""
         self.bundle = bundle
         self.reasoner = reasoner
         self.mask_decoder = mask_decoder
         self.vote_config = vote_config or VoteConfig()
+        self.backend = backend
         self._lock = threading.Lock()
         self._torch_threads: int | None = None
 
@@ -87,7 +91,7 @@ class Segmenter:
     def from_pretrained(
         cls,
         path: str | Path | None = None,
-        backend: str = "torch",
+        backend: str = "auto",
         device: str = "cpu",
         vote_config: VoteConfig | None = None,
     ) -> "Segmenter":
@@ -95,13 +99,17 @@ class Segmenter:
 
         Args:
             path: a bundle folder; None for the default bundle.
-            backend: "torch", "onnx" or "tensorrt" (the bundle must contain that backend's files;
-                for "tensorrt", engines built for this GPU and TensorRT version).
+            backend: "auto", "torch", "onnx" or "tensorrt" (the bundle must contain that backend's
+                files; for "tensorrt", engines built for this GPU and TensorRT version). "auto"
+                takes the bundle's ONNX graphs on the CPU (they load without torch or
+                transformers, in a fraction of the time; fp32, verified against torch at export)
+                and torch on a GPU, each where the bundle has its files and this machine the
+                package, else the other one; the choice is `Segmenter.backend`.
             device: "cpu", "cuda" or "cuda:N" ("tensorrt" needs a CUDA device).
             vote_config: majority-voting knobs (defaults: the StAR reference values).
         """
-        if backend not in ("torch", "onnx", "tensorrt"):
-            raise InvalidInputError(f"backend must be 'torch', 'onnx' or 'tensorrt', got {backend!r}")
+        if backend not in ("auto", "torch", "onnx", "tensorrt"):
+            raise InvalidInputError(f"backend must be 'auto', 'torch', 'onnx' or 'tensorrt', got {backend!r}")
         _check_device_name(device)
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(f"path must be a bundle folder or None, got {type(path).__name__}")
@@ -110,6 +118,8 @@ class Segmenter:
 
             path = default_bundle_path()
         bundle = load_bundle(path)
+        if backend == "auto":
+            backend = _automatic_backend(bundle, device)
         if backend == "tensorrt":
             return cls._load_tensorrt(bundle, device, vote_config)
         if backend not in bundle.backends:
@@ -129,7 +139,7 @@ class Segmenter:
 
         onnx_dir = bundle.root / "onnx"
         reasoner = OnnxReasoner.from_dir(onnx_dir, bundle.reasoner_dir, bundle.manifest["reasoner"], device=device)
-        return cls(bundle, reasoner, OnnxMaskDecoder.from_dir(onnx_dir, device=device), vote_config)
+        return cls(bundle, reasoner, OnnxMaskDecoder.from_dir(onnx_dir, device=device), vote_config, "onnx")
 
     @classmethod
     def _load_tensorrt(cls, bundle: Bundle, device: str, vote_config: VoteConfig | None) -> "Segmenter":
@@ -144,7 +154,8 @@ class Segmenter:
         open_engine = engine_opener(bundle, engines, platform)
         onnx_dir = bundle.root / "onnx"
         reasoner = tensorrt_reasoner(onnx_dir, bundle.reasoner_dir, bundle.manifest["reasoner"], open_engine)
-        return cls(bundle, reasoner, tensorrt_mask_decoder(onnx_dir, open_engine, engines.max_prompts), vote_config)
+        mask_decoder = tensorrt_mask_decoder(onnx_dir, open_engine, engines.max_prompts)
+        return cls(bundle, reasoner, mask_decoder, vote_config, "tensorrt")
 
     @classmethod
     def _load_torch(cls, bundle: Bundle, device: str, vote_config: VoteConfig | None) -> "Segmenter":
@@ -157,7 +168,7 @@ class Segmenter:
         reasoner_manifest = bundle.manifest["reasoner"]
         reasoner = TorchReasoner.from_dir(bundle.reasoner_dir, reasoner_manifest, device=device)
         mask_decoder = MaskDecoder.from_dir(bundle.sam_dir, device=device)
-        segmenter = cls(bundle, reasoner, mask_decoder, vote_config)
+        segmenter = cls(bundle, reasoner, mask_decoder, vote_config, "torch")
         segmenter._torch_threads = torch.get_num_threads()
         return segmenter
 
@@ -456,6 +467,27 @@ def check_seed(seed: object) -> int | None:
     if not 0 <= seed <= MAX_SEED:
         raise InvalidInputError(f"seed must be in [0, 2**63 - 1], got {seed}")
     return int(seed)
+
+
+#: The Python packages each backend needs on top of star-edge's own.
+_BACKEND_PACKAGES = {"onnx": ("onnxruntime", "tokenizers"), "torch": ("torch", "transformers")}
+
+
+def _automatic_backend(bundle: Bundle, device: str) -> str:
+    """What backend="auto" loads (see `Segmenter.from_pretrained`).
+
+    Raises:
+        BackendUnavailableError: neither the bundle's backends nor their packages are here.
+    """
+    import importlib.util
+
+    preferred = ("onnx", "torch") if device == "cpu" else ("torch", "onnx")
+    for name in preferred:
+        if name in bundle.backends and all(importlib.util.find_spec(p) for p in _BACKEND_PACKAGES[name]):
+            return name
+    raise BackendUnavailableError(
+        f"bundle {bundle.root} has backends {', '.join(bundle.backends)}, and neither onnxruntime nor torch with "
+        "transformers is installed for them: pip install 'star-edge[onnx]' or 'star-edge[torch]'")
 
 
 def _check_device_name(device: object) -> None:

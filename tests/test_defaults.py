@@ -3,6 +3,9 @@ the trained demo reasoner on held-out synthetic scenes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +80,21 @@ def test_segmenter_default_masks_named_targets() -> None:
         encoded = coco_mask.encode(np.asfortranarray(stacked))
         ious.append(coco_mask.iou(encoded[:1], encoded[1:], [0])[0, 0])
     assert np.mean(ious) >= 0.5
+
+
+def test_the_default_loads_its_onnx_graphs_without_torch_and_answers_as_torch_does() -> None:
+    """backend="auto" on the CPU takes the bundle's ONNX graphs (weights read from the shipped
+    checkpoints): torch and transformers are never imported, and each greedy answer and mask equals
+    the torch backend's on held-out scenes."""
+    probe = ("import sys\nfrom star_edge import Segmenter\nsegmenter = Segmenter.from_pretrained()\n"
+             "print(segmenter.backend, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["onnx", "False", "False"]
+    onnx, reference = Segmenter.from_pretrained(), Segmenter.from_pretrained(backend="torch")
+    for scene in _test_scenes(4, phase=1):
+        image = Image.fromarray(scene.image)
+        ours, theirs = (s.segment(image, scene.query, samples=1) for s in (onnx, reference))
+        assert ours.samples[0].text == theirs.samples[0].text
+        stacked = np.stack([ours.mask, theirs.mask], -1).astype(np.uint8)
+        encoded = coco_mask.encode(np.asfortranarray(stacked))
+        assert ours.mask.sum() == theirs.mask.sum() == 0 or coco_mask.iou(encoded[:1], encoded[1:], [0])[0, 0] >= 0.99

@@ -126,7 +126,15 @@ def test_demo_bundle_is_rebuilt_byte_for_byte_from_its_weights_and_card(tmp_path
     shipped = load_bundle(DEMO_BUNDLE_DIR)
     rebuilt = write_demo_bundle(tmp_path / "b", shipped.reasoner_dir / "model.safetensors", shipped.sam_dir,
                                 shipped.manifest["card"])
-    assert rebuilt.trained and rebuilt.manifest == shipped.manifest
+    assert rebuilt.trained and "onnx" in rebuilt.backends
+    if rebuilt.manifest["onnx"] == shipped.manifest["onnx"]:  # the exporter's versions are the shipped one's
+        assert rebuilt.manifest == shipped.manifest
+    else:  # graphs written by other torch / transformers / onnx versions: all else is the same
+        def without_graphs(manifest: dict) -> dict:
+            files = {path: entry for path, entry in manifest["files"].items() if not path.startswith("onnx/")}
+            return {**{key: value for key, value in manifest.items() if key != "onnx"}, "files": files}
+
+        assert without_graphs(rebuilt.manifest) == without_graphs(shipped.manifest)
     weights = load_file(str(shipped.reasoner_dir / "model.safetensors"))
     weights.pop("lm_head.weight")
     save_file(weights, str(tmp_path / "partial.safetensors"))

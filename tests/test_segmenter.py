@@ -12,6 +12,7 @@ import pytest
 from pycocotools import mask as coco_mask
 
 from star_edge.answer import parse
+from star_edge.bundle import load_bundle
 from star_edge.errors import BackendUnavailableError, InvalidInputError
 from star_edge.export.tiny import make_tiny_bundle
 from star_edge.segmenter import Segmenter, decode_distinct
@@ -267,3 +268,28 @@ def test_import_star_edge_loads_no_torch_until_a_torch_backend_is_used(bundle_pa
         "assert not [m for m in sys.modules if m.startswith(('star_edge.export', 'star_edge.train'))]\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+
+
+def test_auto_backend_prefers_onnx_on_the_cpu_and_falls_back_to_what_is_there(bundle_path, tmp_path, monkeypatch):
+    import importlib.util
+
+    from star_edge.export.bundle_export import export_bundle
+    from star_edge.segmenter import _automatic_backend
+
+    torch_only = load_bundle(bundle_path)
+    assert torch_only.backends == ("torch",) and Segmenter.from_pretrained(bundle_path).backend == "torch"
+    both = export_bundle(bundle_path, tmp_path / "both", onnx=True)
+    assert Segmenter.from_pretrained(both.root).backend == "onnx"
+    assert _automatic_backend(both, "cuda") == "torch" and _automatic_backend(both, "cuda:1") == "torch"
+    find_spec = importlib.util.find_spec
+    missing = {"onnxruntime"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else find_spec(name, *a))
+    assert _automatic_backend(both, "cpu") == "torch"
+    missing.update({"torch", "transformers"})
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'star-edge\[onnx\]' or 'star-edge\[torch\]'"):
+        _automatic_backend(both, "cpu")
+    missing.clear()
+    missing.add("torch")
+    assert _automatic_backend(both, "cuda") == "onnx"
+    with pytest.raises(InvalidInputError, match="'auto', 'torch', 'onnx' or 'tensorrt'"):
+        Segmenter.from_pretrained(bundle_path, backend="fastest")

@@ -3,7 +3,8 @@
 `python -m star_edge.train.demo_bundle --reasoner-weights W.safetensors --sam-dir DIR --out DIR
 [--card card.json]` writes the demo reasoner's folder (the files `init_reasoner` writes, with the
 trained weights in float16 in place of the initial ones), copies the tiny SAM's folder, and writes
-the manifest (`trained: true`, the model card as its "card" field).
+the manifest (`trained: true`, the model card as its "card" field), then exports the ONNX graphs
+(fp32, weights read from the checkpoints) so that the default bundle loads without torch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from star_edge.bundle import Bundle
 from star_edge.errors import BundleError
+from star_edge.export.bundle_export import export_bundle
 from star_edge.export.bundle_writer import write_manifest
 from star_edge.sam.checkpoints import read_sam_config
 from star_edge.train.demo import init_reasoner
@@ -29,8 +31,11 @@ BUNDLE_NAME = "star-edge-demo-tiny-qwen3_vl"
 
 
 def write_demo_bundle(out: str | Path, reasoner_weights: str | Path, sam_dir: str | Path,
-                      card: dict[str, Any] | None = None) -> Bundle:
+                      card: dict[str, Any] | None = None, onnx: bool = True) -> Bundle:
     """Write the demo bundle into `out` (replaced whole); returns it as the runtime reads it.
+
+    `onnx` adds the fp32 ONNX graphs (onnx/, their weights linked to the checkpoints: a few MB),
+    which load without torch or transformers.
 
     Raises:
         BundleError: `reasoner_weights` is missing, unreadable or does not fit the demo reasoner
@@ -59,8 +64,9 @@ def write_demo_bundle(out: str | Path, reasoner_weights: str | Path, sam_dir: st
         shutil.copyfile(Path(sam_dir) / name, out / "sam" / name)
     sam = {"kind": sam_config["kind"], "variant": sam_config["variant"], "path": "sam",
            "image_size": sam_config["image_size"]}
-    return write_manifest(out, name=BUNDLE_NAME, reasoner={**section, "path": "reasoner"}, sam=sam,
-                          trained=True, extra={"card": card} if card else None)
+    bundle = write_manifest(out, name=BUNDLE_NAME, reasoner={**section, "path": "reasoner"}, sam=sam,
+                            trained=True, extra={"card": card} if card else None)
+    return export_bundle(out, out, onnx=True) if onnx else bundle
 
 
 def main(argv: Sequence[str] | None = None) -> None:
