@@ -56,7 +56,7 @@ def demo_curriculum(trace_locations: bool = False) -> tuple[Phase, ...]:
     return (
         Phase(60_000, SyntheticConfig(stage="single", objects=(1, 3), item_probability=0.0,
                                       no_target_probability=0.0, trace_locations=trace_locations)),
-        Phase(120_000, SyntheticConfig(stage="single", objects=(1, 3), trace_locations=trace_locations)),
+        Phase(60_000, SyntheticConfig(stage="single", objects=(1, 3), trace_locations=trace_locations)),
         Phase(10**12, SyntheticConfig(stage="mixed", trace_locations=trace_locations)),
     )
 
