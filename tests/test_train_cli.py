@@ -111,3 +111,23 @@ def test_three_stages_resume_and_write_loadable_bundles(tmp_path):
     assert {"rest/std_before", "rest/std_after", "rest/range_before", "rest/range_after"} <= set(first)
     assert json.loads((out / "stage2" / "adapter" / "adapter_config.json").read_text())["r"] == 4
     Segmenter.from_pretrained(out / "stage2" / "bundle").close()
+
+
+def test_grpo_from_the_demo_bundle_takes_prompts_of_different_lengths_in_one_batch(tmp_path):
+    """TRL re-encodes the prompts for the policy's forward pass: with right padding the image-token
+    types of the shorter prompt were shifted off its image tokens and Qwen3-VL's position index
+    failed. Two prompts of very different token counts share the one step here."""
+    from star_edge.defaults import DEMO_BUNDLE_DIR
+    from star_edge.train.grpo_data import DataConfig, synthetic_items
+
+    data = {"synthetic_stage": "reasoning", "train_samples": 2}  # one step: both prompts, 8 rollouts each
+    words = sorted(len(synthetic_items(DataConfig(**data))(index).query.split()) for index in range(2))
+    assert words[1] - words[0] >= 8  # more padding than there are tokens before the image
+    config = tmp_path / "demo.yaml"
+    settings = {key: value for key, value in MINI.items() if key != "stages"}
+    config.write_text(yaml.safe_dump({**settings, "stage": "1", "base": str(DEMO_BUNDLE_DIR), "sam": None,
+                                      "data": data, "grpo": {**MINI["grpo"], "num_generations": 8,
+                                                                  "per_device_train_batch_size": 16}}))
+    code, output = run("--config", str(config), "--max-steps", "1", "--out", str(tmp_path / "run"))
+    assert code == 0, output
+    assert [row["step"] for row in rows(tmp_path / "run" / "stage1" / "metrics.jsonl") if "reward" in row] == [1]

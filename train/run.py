@@ -303,6 +303,10 @@ def _train_grpo(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int 
             if state.is_world_process_zero:
                 progress(state.global_step, state.max_steps)
 
+    # TRL pads the prompts it generates from on the left and, for the policy's forward pass, encodes
+    # them again with this processor: its padding must be on the left too, or the image-token types
+    # (mm_token_type_ids) of prompts shorter than the batch's longest land beside their tokens.
+    reasoner.processor.tokenizer.padding_side = "left"
     trainer = StarGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
                               processing_class=reasoner.processor, peft_config=peft_config, callbacks=[Reporter()])
     for printing in (PrinterCallback, ProgressCallback):  # the caller shows progress (the CLI: rich)
