@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= torch,onnx,export,train,dev
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install test demo demo-model bench clean
+.PHONY: install test demo demo-model demo-model-grpo bench clean
 
 install: $(STAMP)
 
@@ -49,6 +49,12 @@ demo-model: install
 	$(BIN)/python -m star_edge.train.demo --run-dir $(DEMO_RUNS)/sft --until-step $(SFT_STEPS) $(SFT_ARGS)
 	$(BIN)/python -m star_edge.train.demo_bundle --sam-dir $(DEMO_RUNS)/sam-export --out $(DEMO_RUNS)/bundle \
 	  --reasoner-weights $(DEMO_RUNS)/sft/checkpoint/reasoner/model.safetensors
+
+# The recipe's GRPO stages on top of the SFT bundle that demo-model writes (train/configs/demo.yaml
+# reads runs/demo/bundle); the shipped model has not had them yet. Resumable like the rest.
+demo-model-grpo: install
+	$(BIN)/star-edge train --config demo --stage 1 --out runs/demo/grpo --resume
+	$(BIN)/star-edge train --config demo --stage 2 --out runs/demo/grpo --resume
 
 bench: install
 	@$(BIN)/python benchmarks/kernels.py

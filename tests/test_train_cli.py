@@ -48,6 +48,11 @@ def test_shipped_configs_load_with_their_stage_overrides():
     assert (paper1.grpo["learning_rate"], paper1.grpo["num_generations"], paper1.grpo["beta"]) == (1e-5, 16, 0.0)
     assert (paper2.grpo["learning_rate"], paper2.grpo["rest_rollouts"], paper2.adapter) == (5e-6, 256, "stage:1")
     assert paper1.grpo["lora_rank"] == paper1.grpo["lora_alpha"] == 64
+    demo1, demo2 = load_config("demo"), load_config("demo", stage="2")
+    assert (demo1.stage, demo1.base, demo1.data.synthetic_stage) == ("1", "runs/demo/bundle", "mixed")
+    assert (demo2.base, demo2.adapter, demo2.grpo["rest_rollouts"]) == ("runs/demo/bundle", "stage:1", 32)
+    for demo in (demo1, demo2):
+        StarGRPOConfig(output_dir="unused", **demo.grpo)  # REST's group constraints hold
 
 
 def test_bad_configs_name_the_problem(tmp_path):
