@@ -158,3 +158,15 @@ def test_run_sft_until_step_stops_there_across_reruns(tmp_path):
     assert run_sft(tmp_path, config, until_step=3, max_steps=5).step == 3
     rows = (tmp_path / "log.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in rows[1:]] == ["1", "2", "3"]
+
+
+def test_demo_eval_reports_every_phase_and_the_end_to_end_score(tmp_path):
+    from star_edge.train.demo_eval import main
+
+    main(["--val", "3", "--scenes", "2", "--samples", "2", "--json", str(tmp_path / "card.json")])
+    report = json.loads((tmp_path / "card.json").read_text())
+    assert sorted(report["box_iou"]) == ["phase 1", "phase 2", "phase 3"]
+    assert report["box_iou"]["phase 1"]["parsed"] == 1.0  # the trained model answers named targets
+    assert all(0.0 <= scores["box_iou"] <= 1.0 for scores in report["box_iou"].values())
+    end_to_end = report["end_to_end"]
+    assert end_to_end["backend"] == "onnx" and end_to_end["scenes"] == 2 and 0.0 <= end_to_end["mean_mask_iou"] <= 1.0

@@ -1,0 +1,83 @@
+"""The demo model's held-out numbers (its model card), measured on a bundle.
+
+- Box IoU per curriculum phase: greedy answers of the reasoner (torch, float32) on `--val` scenes
+  of each `DEMO_CURRICULUM` phase from the val split, the first target's box (`greedy_box_iou`:
+  mean IoU, Acc@0.5, share of answers that parse).
+- End to end: `Segmenter` with `--samples` samples voted (seed 0) on the first `--scenes` scenes
+  of the test split's first phase (one named target among plain shapes, the kind `make demo`
+  shows); mean mask IoU with the target's mask (pycocotools).
+
+The reasoning-segmentation scores (gIoU / cIoU per type and depth) come from `star-edge eval
+--synthetic`; this adds what that benchmark does not ask.
+
+Usage: python -m star_edge.train.demo_eval [--bundle DIR] [--val 200] [--scenes 20] [--samples 8]
+       [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from star_edge.bundle import load_bundle
+from star_edge.defaults import default_bundle_path
+from star_edge.reasoner.torch_backend import TorchReasoner
+from star_edge.segmenter import Segmenter
+from star_edge.train.data.synthetic import sample, split_seed
+from star_edge.train.demo import DEMO_DATA_SEED, demo_curriculum, held_out
+from star_edge.train.sft import greedy_box_iou
+
+
+def phase_box_iou(bundle_dir: Path, count: int) -> dict[str, dict[str, float]]:
+    """"phase N" -> greedy_box_iou of the bundle's reasoner on `count` val scenes of phase N (1-based)."""
+    bundle = load_bundle(bundle_dir)
+    reasoner = TorchReasoner.from_dir(bundle.reasoner_dir, bundle.manifest["reasoner"], dtype=torch.float32)
+    scores = {}
+    with torch.inference_mode():
+        for number, phase in enumerate(demo_curriculum(), start=1):
+            scores[f"phase {number}"] = greedy_box_iou(reasoner, held_out(count, phase.config))
+    return scores
+
+
+def end_to_end_mask_iou(bundle_dir: Path, scenes: int, samples: int) -> dict[str, Any]:
+    """Mean mask IoU of the voted result on the first `scenes` test scenes of phase 1."""
+    config = demo_curriculum()[0].config
+    ious = []
+    with Segmenter.from_pretrained(bundle_dir) as segmenter:
+        for index in range(scenes):
+            scene = sample(split_seed(DEMO_DATA_SEED, "test"), index, config)
+            result = segmenter.segment(Image.fromarray(scene.image), scene.query, samples=samples, seed=0)
+            stacked = np.stack([result.mask, scene.mask], -1).astype(np.uint8)
+            encoded = coco_mask.encode(np.asfortranarray(stacked))
+            ious.append(float(coco_mask.iou(encoded[:1], encoded[1:], [0])[0, 0]))
+        backend = segmenter.backend
+    return {"mean_mask_iou": float(np.mean(ious)), "scenes": scenes, "samples": samples, "backend": backend}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry (module docstring)."""
+    parser = argparse.ArgumentParser(description="The demo model's held-out numbers.")
+    parser.add_argument("--bundle", type=Path, default=None, help="a bundle folder (default: the shipped one)")
+    parser.add_argument("--val", type=int, default=200, help="val scenes per curriculum phase")
+    parser.add_argument("--scenes", type=int, default=20, help="test scenes end to end")
+    parser.add_argument("--samples", type=int, default=8, help="samples voted end to end")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    args = parser.parse_args(argv)
+    bundle_dir = args.bundle or default_bundle_path()
+    report = {"bundle": str(bundle_dir), "box_iou": phase_box_iou(bundle_dir, args.val),
+              "end_to_end": end_to_end_mask_iou(bundle_dir, args.scenes, args.samples)}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
