@@ -375,6 +375,8 @@ def bench(
     query: Annotated[str, typer.Option("--query", help="The query of every call.")] = "the red circle",
     adaptive: Annotated[bool, typer.Option("--adaptive", help="Time segment(adaptive=True).")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the table as JSON here.")] = None,
+    backend: Annotated[str, typer.Option(
+        "--backend", help="auto (ONNX on a CPU where the bundle has it, else torch) | torch | onnx | tensorrt")] = "auto",
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
     debug: DebugOption = False,
 ) -> None:
@@ -387,9 +389,10 @@ def bench(
         counts = parse_sample_counts(samples)
         pixels = load_image(image) if image is not None else bench_image()
         query = validate_query(query)
-        segmenter = Segmenter.from_pretrained(bundle, device=device)
+        segmenter = Segmenter.from_pretrained(bundle, backend=backend, device=device)
         rows = run_bench(segmenter, pixels, query, counts, repeat, adaptive=adaptive)
-        table = Table(title=f"bundle {segmenter.bundle.name}: ms per stage, p50 / p95 over {repeat} calls")
+        table = Table(title=f"bundle {segmenter.bundle.name} ({segmenter.backend}, {device}): ms per stage, "
+                            f"p50 / p95 over {repeat} calls")
         table.add_column("stage")
         for row in rows:
             drew = "" if row.samples_used == row.samples else f" (drew {row.samples_used:.1f})"
@@ -398,7 +401,7 @@ def bench(
             table.add_row(stage, *(f"{row.p50[stage]:.0f} / {row.p95[stage]:.0f}" for row in rows))
         console.print(table)
         if json_path is not None:
-            payload = {"bundle": segmenter.bundle.name, "device": device, "query": query,
+            payload = {"bundle": segmenter.bundle.name, "backend": segmenter.backend, "device": device, "query": query,
                        "image_size": [int(pixels.shape[1]), int(pixels.shape[0])], "adaptive": adaptive,
                        "rows": [row.to_json() for row in rows]}
             _write_file(json_path, lambda p: p.write_text(json.dumps(payload, indent=2) + "\n"))

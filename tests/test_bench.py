@@ -48,9 +48,22 @@ def test_bench_command_prints_the_table_and_writes_json(bundle, tmp_path):
     assert "p50 / p95" in result.output and "N=4" in result.output
     assert all(stage in result.output for stage in STAGES)
     payload = json.loads(out.read_text())
-    assert payload["image_size"] == [160, 120] and payload["adaptive"] is True
+    assert payload["image_size"] == [160, 120] and payload["adaptive"] is True and payload["backend"] == "torch"
     assert [row["samples"] for row in payload["rows"]] == [1, 4]
     assert set(payload["rows"][1]["p50_ms"]) == set(STAGES)
+
+
+def test_bench_takes_the_backend_and_names_it(bundle, tmp_path):
+    """A bundle with ONNX graphs: "auto" times them on the CPU, --backend torch the torch models."""
+    from star_edge.export.bundle_export import export_bundle
+
+    exported = export_bundle(bundle, tmp_path / "exported", onnx=True).root
+    for flags, expected in (([], "onnx"), (["--backend", "torch"], "torch")):
+        out = tmp_path / f"{expected}.json"
+        result = CliRunner().invoke(app, ["bench", "--bundle", str(exported), "--samples", "1", "--repeat", "1",
+                                          "--json", str(out), *flags])
+        assert result.exit_code == 0, result.output
+        assert f"({expected}, cpu)" in result.output and json.loads(out.read_text())["backend"] == expected
 
 
 def test_bad_sample_lists_are_refused(bundle):
