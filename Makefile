@@ -38,10 +38,10 @@ demo: install
 
 # The demo model's whole pipeline from scratch, in resumable pieces (hours on a CPU; not in CI):
 # rerun to continue where it stopped. SFT_STEPS = the shipped reasoner's steps (it restarted its
-# optimiser at step 2951 when it moved machines; this is one uninterrupted run); SFT_ARGS e.g.
-# "--device cuda --num-workers 14" on a GPU machine.
+# optimiser at steps 2951 and 3600, when it moved machines and sessions; this is one uninterrupted
+# run); SFT_ARGS e.g. "--device cuda --num-workers 14" on a GPU machine.
 DEMO_RUNS ?= runs/demo
-SFT_STEPS ?= 3600
+SFT_STEPS ?= 4894
 SFT_ARGS ?= --threads 1 --num-workers 1
 demo-model: install
 	$(BIN)/python -m star_edge.train.sam_train --run-dir $(DEMO_RUNS)/sam --resume --threads 1 $(SAM_ARGS)

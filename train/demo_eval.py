@@ -10,7 +10,7 @@
 The reasoning-segmentation scores (gIoU / cIoU per type and depth) come from `star-edge eval
 --synthetic`; this adds what that benchmark does not ask.
 
-Usage: python -m star_edge.train.demo_eval [--bundle DIR] [--val 200] [--scenes 20] [--samples 8]
+Usage: python -m star_edge.train.demo_eval [--bundle DIR] [--val 200] [--scenes 100] [--samples 8]
        [--json PATH]
 """
 
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="The demo model's held-out numbers.")
     parser.add_argument("--bundle", type=Path, default=None, help="a bundle folder (default: the shipped one)")
     parser.add_argument("--val", type=int, default=200, help="val scenes per curriculum phase")
-    parser.add_argument("--scenes", type=int, default=20, help="test scenes end to end")
+    parser.add_argument("--scenes", type=int, default=100, help="test scenes end to end")
     parser.add_argument("--samples", type=int, default=8, help="samples voted end to end")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
