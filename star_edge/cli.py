@@ -391,8 +391,7 @@ def bench(
         query = validate_query(query)
         segmenter = Segmenter.from_pretrained(bundle, backend=backend, device=device)
         rows = run_bench(segmenter, pixels, query, counts, repeat, adaptive=adaptive)
-        table = Table(title=f"bundle {segmenter.bundle.name} ({segmenter.backend}, {device}): ms per stage, "
-                            f"p50 / p95 over {repeat} calls")
+        table = Table(title=f"bundle {segmenter.bundle.name}: ms per stage, p50 / p95 over {repeat} calls")
         table.add_column("stage")
         for row in rows:
             drew = "" if row.samples_used == row.samples else f" (drew {row.samples_used:.1f})"
@@ -400,6 +399,7 @@ def bench(
         for stage in STAGES:
             table.add_row(stage, *(f"{row.p50[stage]:.0f} / {row.p95[stage]:.0f}" for row in rows))
         console.print(table)
+        console.print(f"backend {segmenter.backend}, device {device}", highlight=False)
         if json_path is not None:
             payload = {"bundle": segmenter.bundle.name, "backend": segmenter.backend, "device": device, "query": query,
                        "image_size": [int(pixels.shape[1]), int(pixels.shape[0])], "adaptive": adaptive,

@@ -63,7 +63,7 @@ def test_bench_takes_the_backend_and_names_it(bundle, tmp_path):
         result = CliRunner().invoke(app, ["bench", "--bundle", str(exported), "--samples", "1", "--repeat", "1",
                                           "--json", str(out), *flags])
         assert result.exit_code == 0, result.output
-        assert f"({expected}, cpu)" in result.output and json.loads(out.read_text())["backend"] == expected
+        assert f"backend {expected}, device cpu" in result.output and json.loads(out.read_text())["backend"] == expected
 
 
 def test_bad_sample_lists_are_refused(bundle):
