@@ -1,4 +1,5 @@
-"""What every ONNX export shares: the exporter run quietly, and graphs checked and described.
+"""What every ONNX export shares: the exporter run quietly, graphs cleaned of where they were
+exported, checked and described.
 
 A graph's description is what the runtime's description files list for it: the file, and its inputs
 and outputs in order, each with name, dtype and shape, dynamic axes by their name (DESIGN section 3,
@@ -37,6 +38,34 @@ def graph_description(path: Path) -> dict[str, Any]:
         "inputs": [tensor_description(v) for v in model.graph.input],
         "outputs": [tensor_description(v) for v in model.graph.output],
     }
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """`graph` and every subgraph of its nodes' attributes (If / Loop bodies)."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield from _graphs(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _graphs(subgraph)
+
+
+def drop_source_locations(path: Path) -> None:
+    """Remove the exporter's per-node metadata and doc strings from the graph at `path` (its
+    weights in `<file>.data` untouched): they hold stack traces naming this machine's source files,
+    so without them an export is the same wherever it ran (and ~10x smaller as a file)."""
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = [node for graph in _graphs(model.graph) for node in graph.node]
+    nodes += [node for function in model.functions for node in function.node]
+    for node in nodes:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for graph in _graphs(model.graph):
+        del graph.metadata_props[:]
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            del value.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 @contextmanager

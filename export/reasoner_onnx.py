@@ -41,7 +41,7 @@ import PIL.Image
 import torch
 
 from star_edge.errors import BundleError, InvalidInputError
-from star_edge.export.onnx_files import OPSET, graph_description, quiet_exporter
+from star_edge.export.onnx_files import OPSET, drop_source_locations, graph_description, quiet_exporter
 from star_edge.export.reasoner_graphs import DecoderGraph, EmbedGraph, VisionGraph, packed_attention
 from star_edge.export.weight_links import checkpoint_files, link_graph
 from star_edge.onnx_weights import LINKED_KEY
@@ -332,6 +332,9 @@ def export_reasoner_onnx(
         _export_embed(reasoner, folder / GRAPH_FILES["embed"])
         say("exporting the reasoner's decoder (KV cache in and out)")
         _export_decoder(reasoner, folder / GRAPH_FILES["decoder"])
+    drop_source_locations(folder / GRAPH_FILES["vision"])
+    drop_source_locations(folder / GRAPH_FILES["embed"])
+    drop_source_locations(folder / GRAPH_FILES["decoder"])
     writers = {"int8": _write_int8, "fp16": _write_fp16}
     for variant in DECODER_VARIANTS[1:]:
         if variant in variants:

@@ -30,7 +30,7 @@ import onnx
 import torch
 
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
-from star_edge.export.onnx_files import OPSET, graph_description, quiet_exporter
+from star_edge.export.onnx_files import OPSET, drop_source_locations, graph_description, quiet_exporter
 from star_edge.sam.checkpoints import load_sam, read_sam_config
 from star_edge.sam.inputs import labelled_points
 from star_edge.export.weight_links import checkpoint_files, link_graph
@@ -202,6 +202,8 @@ def export_sam_onnx(
     with torch.no_grad(), quiet_exporter():
         _export_encoder(sam, config["image_size"], folder / ENCODER_FILE)
         _export_decoder(decoder, torch.zeros((1, dim, *grid)), folder / DECODER_FILES["fp32"])
+    drop_source_locations(folder / ENCODER_FILE)
+    drop_source_locations(folder / DECODER_FILES["fp32"])
     if "fp16" in variants:
         _write_fp16(folder / DECODER_FILES["fp32"], folder / DECODER_FILES["fp16"])
     if "int8" in variants:

@@ -94,7 +94,9 @@ def test_export_writes_checked_graphs_and_declares_them(random_qwen3, scripted_q
         assert [t["shape"] for t in vision["outputs"]] == [[64, 128]] + [[deepstack, 64, 128]] * deepstack
         for graph in [vision, description["embed"], decoder]:  # float32 weights read from the checkpoint
             assert list(graph["linked"]) == ["../reasoner/model.safetensors"]
+        source_root = str(Path(sampling.__file__).resolve().parents[2]).encode()
         for graph in [vision, description["embed"], *description["decoders"].values()]:
+            assert source_root not in (folder / graph["file"]).read_bytes()  # no stack traces of this machine
             whole = materialize_graph(folder / graph["file"], graph, tmp_path / graph["file"])
             onnx.checker.check_model(str(whole), full_check=True)
     bundle = json.loads((scripted_qwen25 / "star_edge.json").read_text())
