@@ -10,7 +10,7 @@ description lists where each one comes from::
 
 At load, `linked_initializers` reads those tensors with safetensors' numpy reader (no torch), casts
 them to the graph's dtype (a float16 checkpoint feeds a float32 graph exactly), transposes where
-noted, and hands them to onnxruntime as the session's external initializers. A checkpoint that no
+noted, and `onnxruntime_session` hands them to onnxruntime as the session's external initializers. A checkpoint that no
 longer has a linked tensor, or has it in another shape, is a BundleError naming both.
 """
 
@@ -85,10 +85,28 @@ def _read_linked(path: Path, tensors: Any) -> dict[str, np.ndarray]:
     return arrays
 
 
-def add_linked_initializers(options: Any, arrays: dict[str, np.ndarray]) -> None:
-    """Give `arrays` (from `linked_initializers`) to onnxruntime SessionOptions `options` as
-    external initializers; the arrays must outlive the session made with them."""
-    if arrays:
-        from onnxruntime import OrtValue
+def onnxruntime_session(path: Path, graph: dict[str, Any], providers: list[Any],
+                        threads: int | None) -> tuple[Any, dict[str, np.ndarray]]:
+    """An onnxruntime InferenceSession of the described graph at `path` (`threads` intra-op
+    threads, None: onnxruntime's default), its linked initializers read from the bundle's
+    checkpoint and handed to the session; returns the session and those arrays, which must
+    outlive it.
 
-        options.add_external_initializers(list(arrays), [OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
+    Raises:
+        BundleError: the graph is not loadable; see `linked_initializers` for the linked weights.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: no notes on skipped constant folding
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    arrays = linked_initializers(path.parent, graph)
+    if arrays:
+        values = [onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
+        options.add_external_initializers(list(arrays), values)
+    try:
+        session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        raise BundleError(f"{path} is not a loadable ONNX graph: {exc}") from exc
+    return session, arrays

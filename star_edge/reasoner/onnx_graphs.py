@@ -14,7 +14,7 @@ import numpy as np
 
 from star_edge.errors import BundleError
 from star_edge.onnx_providers import execution_providers
-from star_edge.onnx_weights import add_linked_initializers, linked_initializers
+from star_edge.onnx_weights import onnxruntime_session
 
 
 class _Graph:
@@ -22,21 +22,10 @@ class _Graph:
     bundle's checkpoint (`star_edge.onnx_weights`) are read and handed to the session."""
 
     def __init__(self, folder: Path, graph: dict[str, Any], threads: int | None, providers: list[Any]) -> None:
-        import onnxruntime
-
         path = folder / str(graph.get("file", ""))
         if not path.is_file():
             raise BundleError(f"{path} is missing (listed in the ONNX description in {folder})")
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        self._linked = linked_initializers(folder, graph)
-        add_linked_initializers(options, self._linked)
-        try:
-            self.session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise BundleError(f"{path} is not a loadable ONNX graph: {exc}") from exc
+        self.session, self._linked = onnxruntime_session(path, graph, providers, threads)
         self.inputs = [tensor["name"] for tensor in graph["inputs"]]
         self.outputs = [tensor["name"] for tensor in graph["outputs"]]
         found = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 
 from star_edge.descriptions import read_description as read_json_description
-from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
+from star_edge.errors import BundleError, InvalidInputError
 from star_edge.onnx_providers import execution_providers
-from star_edge.onnx_weights import add_linked_initializers, linked_initializers
+from star_edge.onnx_weights import onnxruntime_session
 from star_edge.sam.cache import EmbeddingCache
 from star_edge.sam.inputs import check_image, check_prompts, encoder_input, labelled_points
 from star_edge.sam.masks import best_outputs, upsample_masks, upsampling_matrices
@@ -87,26 +87,13 @@ def onnxruntime_sessions(device: str, threads: int | None) -> SessionOpener:
         BackendUnavailableError: onnxruntime (or its CUDA provider, for device="cuda") missing.
         InvalidInputError: a bad device name.
     """
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            "onnxruntime is not installed; install it with: pip install 'star-edge[onnx]'"
-        ) from exc
     providers = execution_providers(device)
     linked_weights: list[dict[str, np.ndarray]] = []  # alive as long as the opener (and its sessions)
 
     def open_session(path: Path, graph: dict[str, Any]) -> Any:
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # errors only: no notes on skipped constant folding
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        linked_weights.append(linked_initializers(path.parent, graph))
-        add_linked_initializers(options, linked_weights[-1])
-        try:
-            return onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise BundleError(f"{path} is not a loadable ONNX graph: {exc}") from exc
+        session, linked = onnxruntime_session(path, graph, providers, threads)
+        linked_weights.append(linked)
+        return session
 
     return open_session
 
