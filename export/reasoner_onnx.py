@@ -20,7 +20,8 @@ checkpoint) in `<file>.data`:
 The graphs come from torch.onnx.export (the torch.export-based exporter) at opset 18 and are checked
 with onnx.checker. By default the weights that are tensors of the checkpoint (as they are or
 transposed) are then read from its safetensors at load instead of being copied into the `.data`
-files (`export.weight_links`); the description lists them. Verification runs a probe (an image and a query) through onnxruntime and through
+files (`export.weight_links`); the description lists them. Verification runs a probe (an image
+and a query) through onnxruntime and through
 the torch reasoner: the numpy preprocessing must give the processor's tokens, pixels and positions
 exactly, and the fp32 graphs the torch outputs within `TOLERANCE` (max |difference| relative to the
 largest |value| of the output, at least 1).
@@ -43,8 +44,7 @@ import torch
 from star_edge.errors import BundleError, InvalidInputError
 from star_edge.export.onnx_files import OPSET, drop_source_locations, graph_description, quiet_exporter
 from star_edge.export.reasoner_graphs import DecoderGraph, EmbedGraph, VisionGraph, packed_attention
-from star_edge.export.weight_links import checkpoint_files, link_graph
-from star_edge.onnx_weights import LINKED_KEY
+from star_edge.export.weight_links import link_graphs
 from star_edge.reasoner import build_messages, sampling
 from star_edge.reasoner.onnx_backend import (
     DECODER_VARIANTS,
@@ -353,10 +353,8 @@ def export_reasoner_onnx(
     }
     if link_weights:
         say("linking the graphs' weights to the checkpoint")
-        for graph in [description["vision"], description["embed"], *description["decoders"].values()]:
-            linked = link_graph(folder / graph["file"], checkpoint_files(reasoner_dir))
-            if linked:
-                graph[LINKED_KEY] = linked
+        link_graphs(folder, [description["vision"], description["embed"], *description["decoders"].values()],
+                    reasoner_dir)
     (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     if verify:
         say("comparing the graphs with torch")

@@ -33,8 +33,7 @@ from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputE
 from star_edge.export.onnx_files import OPSET, drop_source_locations, graph_description, quiet_exporter
 from star_edge.sam.checkpoints import load_sam, read_sam_config
 from star_edge.sam.inputs import labelled_points
-from star_edge.export.weight_links import checkpoint_files, link_graph
-from star_edge.onnx_weights import LINKED_KEY
+from star_edge.export.weight_links import link_graphs
 from star_edge.sam.onnx_backend import (
     DECODER_VARIANTS,
     DESCRIPTION_FILE,
@@ -170,8 +169,8 @@ def export_sam_onnx(
     variants: decoder variants to write, "fp32" always among them.
     verify: run the fp32 graphs once on onnxruntime and compare with torch.
     link_weights: read the weights that are tensors of sam/model.safetensors from there instead
-        of a copy beside the graphs (`weight_links`; `onnx_dir` and `sam_dir` must then share
-        their parent folder, the bundle).
+        of a copy beside the graphs (`weight_links`; only where `sam_dir` lies in `onnx_dir`'s
+        parent folder, the bundle).
 
     Returns:
         The description written to onnx_dir/sam_onnx.json.
@@ -232,10 +231,7 @@ def export_sam_onnx(
         },
     }
     if link_weights:
-        for graph in [description["encoder"], *description["decoders"].values()]:
-            linked = link_graph(folder / graph["file"], checkpoint_files(Path(sam_dir)))
-            if linked:
-                graph[LINKED_KEY] = linked
+        link_graphs(folder, [description["encoder"], *description["decoders"].values()], Path(sam_dir))
     if verify:
         _verify(folder, description, sam, decoder)
     text = json.dumps(description, indent=2) + "\n"

@@ -1,6 +1,6 @@
 """Exported graphs that read their weights from the bundle's checkpoint instead of a second copy.
 
-After export, `link_graph` looks for every large initializer of a graph among the tensors of the
+After export, `link_graphs` looks for every large initializer of a graph among the tensors of the
 checkpoint the graph was exported from (exactly equal, as it is or transposed, after casting the
 checkpoint tensor to the initializer's dtype); each one found is left in the graph as a declaration
 without data (name, dtype, shape; data location "external", file `LINKED_LOCATION`) and described
@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from star_edge.onnx_weights import linked_initializers
+from star_edge.onnx_weights import LINKED_KEY, linked_initializers
 
 #: Initializers with fewer elements stay in the graph (biases of norms cost nothing to copy).
 MIN_LINKED_ELEMENTS = 1024
@@ -34,7 +34,7 @@ LINKED_LOCATION = "linked-from-checkpoint"
 _NUMPY_DTYPES = {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
 
 
-def checkpoint_files(folder: Path) -> list[Path]:
+def _checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder: model.safetensors or the shards its index lists."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -70,19 +70,29 @@ class _Checkpoint:
         return None
 
 
-def link_graph(graph_path: Path, checkpoint: Sequence[Path]) -> dict[str, Any]:
-    """Rewrite the graph at `graph_path` (with its `<file>.data`) so that its initializers found in
-    the safetensors files `checkpoint` are read from there; returns the description's "linked"
-    section (file paths relative to the graph's folder; {} when nothing was found, and the graph
-    is left as it was). Only files inside the graph folder's parent (the bundle) are searched: a
-    bundle never reads weights from outside itself.
+def link_graphs(folder: Path, graphs: Sequence[dict[str, Any]], checkpoint_dir: Path) -> None:
+    """Rewrite each described graph of `folder` (entries of its description, each with its "file")
+    so that its initializers found among the tensors of the checkpoint folder `checkpoint_dir` are
+    read from there, and add its "linked" section to the entry (none where nothing was found: the
+    graph is left as it was). Only a checkpoint inside `folder`'s parent (the bundle) is searched:
+    a bundle never reads weights from outside itself.
     """
-    bundle = graph_path.parent.resolve().parent
-    checkpoint = [path for path in checkpoint if bundle in path.resolve().parents and path.is_file()]
-    if not checkpoint:
-        return {}
+    bundle = folder.resolve().parent
+    files = [path for path in _checkpoint_files(checkpoint_dir) if bundle in path.resolve().parents and path.is_file()]
+    if not files:
+        return
+    tensors = _Checkpoint(files)
+    for graph in graphs:
+        linked = _link_graph(folder / graph["file"], tensors, bundle)
+        if linked:
+            graph[LINKED_KEY] = linked
+
+
+def _link_graph(graph_path: Path, tensors: _Checkpoint, bundle: Path) -> dict[str, Any]:
+    """Rewrite the graph at `graph_path` (with its `<file>.data`) with every initializer found in
+    `tensors` declared without data; returns its "linked" section (file paths relative to the
+    graph's folder; {} when nothing was found, and the graph is left as it was)."""
     model = onnx.load(str(graph_path))
-    tensors = _Checkpoint(checkpoint)
     linked: dict[str, dict[str, Any]] = defaultdict(dict)
     for initializer in model.graph.initializer:
         if int(np.prod(initializer.dims)) < MIN_LINKED_ELEMENTS:

@@ -32,8 +32,9 @@ def read_description(
     """Read and check one description file.
 
     path: the file; format_name: what its "format" must be; format_version: the newest
-    "format_version" this runtime reads (each version adds to the one before); sections: keys whose values must be JSON objects; what: how the file is named in the
-    message when it is missing ("the SAM ONNX description").
+    "format_version" this runtime reads (each version adds to the one before); sections: keys
+    whose values must be JSON objects; what: how the file is named in the message when it is
+    missing ("the SAM ONNX description").
 
     Raises:
         BundleError: missing or unreadable file, another format or version, a missing section;
