@@ -35,6 +35,8 @@ BundleOption = Annotated[
     Optional[Path], typer.Option("--bundle", help="Bundle folder (default: the bundled demo model).")
 ]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")]
+BackendOption = Annotated[str, typer.Option(
+    "--backend", help="auto (ONNX on a CPU where the bundle has it, else torch) | torch | onnx | tensorrt")]
 
 
 @contextmanager
@@ -78,8 +80,7 @@ def segment(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON here.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write an overlay PNG here.")] = None,
     bundle: BundleOption = None,
-    backend: Annotated[str, typer.Option(
-        "--backend", help="auto (ONNX on a CPU where the bundle has it, else torch) | torch | onnx | tensorrt")] = "auto",
+    backend: BackendOption = "auto",
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
     adaptive: Annotated[bool, typer.Option(
         "--adaptive", help="Vote on answers as they finish; stop once the rest cannot change the vote.")] = False,
@@ -150,8 +151,7 @@ def evaluate(
         "--samples", "-n", help="N per query: 1 = greedy; several, comma-separated, e.g. 1,8.")] = "1",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first K images only.")] = None,
     bundle: BundleOption = None,
-    backend: Annotated[str, typer.Option(
-        "--backend", help="auto (ONNX on a CPU where the bundle has it, else torch) | torch | onnx | tensorrt")] = "auto",
+    backend: BackendOption = "auto",
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.")] = None,
     plots: Annotated[Optional[Path], typer.Option(
@@ -375,8 +375,7 @@ def bench(
     query: Annotated[str, typer.Option("--query", help="The query of every call.")] = "the red circle",
     adaptive: Annotated[bool, typer.Option("--adaptive", help="Time segment(adaptive=True).")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the table as JSON here.")] = None,
-    backend: Annotated[str, typer.Option(
-        "--backend", help="auto (ONNX on a CPU where the bundle has it, else torch) | torch | onnx | tensorrt")] = "auto",
+    backend: BackendOption = "auto",
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
     debug: DebugOption = False,
 ) -> None:
