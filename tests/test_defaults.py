@@ -73,14 +73,9 @@ def test_segmenter_default_masks_named_targets() -> None:
     """End to end (reasoner, SAM, 4 samples voted) on held-out scenes: mean mask IoU with the
     target's ground-truth mask (pycocotools): 0.48 on these 8 scenes with 4 samples, 0.62 over 100
     named-target test scenes with 8 (an untrained reasoner's boxes miss: ~0)."""
-    segmenter = Segmenter.from_pretrained()
-    ious = []
-    for scene in _test_scenes(8):
-        result = segmenter.segment(Image.fromarray(scene.image), scene.query, samples=4, seed=0)
-        stacked = np.stack([result.mask, scene.mask], -1).astype(np.uint8)
-        encoded = coco_mask.encode(np.asfortranarray(stacked))
-        ious.append(coco_mask.iou(encoded[:1], encoded[1:], [0])[0, 0])
-    assert np.mean(ious) >= 0.4
+    from star_edge.train.demo_eval import end_to_end_mask_iou
+
+    assert end_to_end_mask_iou(default_bundle_path(), scenes=8, samples=4)["mean_mask_iou"] >= 0.4
 
 
 def test_the_default_loads_its_onnx_graphs_without_torch_and_answers_as_torch_does() -> None:
