@@ -31,7 +31,7 @@ from star_edge.export.tiny_sam import TINY_SAM_CONFIG, make_tiny_sam, write_sam_
 from star_edge.geometry import original_to_sam, sam_preprocess_shape
 from star_edge.sam import ImageEmbedding, MaskDecoder, load_sam
 from star_edge.sam.inputs import labelled_points
-from star_edge.sam.masks import upsample_masks, upsampling_matrices
+from star_edge.sam.masks import bands, bilinear_matrix, upsample_masks, upsampling_matrices
 from star_edge.sam.prompt_decoder import PromptDecoder
 from star_edge.sam.official import OFFICIAL_CONFIGS, build_sam_from_config, import_segment_anything
 
@@ -507,6 +507,33 @@ def test_upsampling_matrices_equal_postprocess_masks(
     masks = upsample_masks(logits[:, 0].numpy(), rows, cols, 0.0)
     assert masks.shape == (3, *original) and masks.dtype == np.bool_
     assert np.mean(masks == (expected.numpy() > 0)) > 0.9999
+
+
+@pytest.mark.parametrize("original", [(400, 600), (1080, 1920), (37, 1000), (3, 5)])
+def test_bands_hold_every_nonzero_entry(original: tuple[int, int]) -> None:
+    input_size = sam_preprocess_shape(*original, 1024)
+    for matrix in upsampling_matrices((256, 256), 1024, input_size, original):
+        rebuilt = np.zeros_like(matrix)
+        blocks = bands(matrix)
+        assert [b[0].start for b in blocks] == list(range(0, matrix.shape[0], 64))
+        for outputs, inputs in blocks:
+            rebuilt[outputs, inputs] = matrix[outputs, inputs]
+            assert inputs.stop - inputs.start <= 64 * matrix.shape[1] // matrix.shape[0] + 3
+        np.testing.assert_array_equal(rebuilt, matrix)
+
+
+def test_banded_upsampling_equals_the_dense_product() -> None:
+    generator = np.random.default_rng(0)
+    rows = bilinear_matrix(40, 300).astype(np.float32)
+    rows[64:128] = 0.0  # a block that reads nothing
+    cols = bilinear_matrix(50, 170).astype(np.float32)
+    logits = generator.normal(size=(5, 44, 53)).astype(np.float32)
+    dense = rows @ logits[:, :40, :50] @ cols.T
+    masks = upsample_masks(logits, rows, cols, 0.1)
+    assert masks.shape == (5, 300, 170)
+    decided = np.abs(dense - 0.1) > 1e-5
+    np.testing.assert_array_equal(masks[decided], (dense > 0.1)[decided])
+    assert not masks[:, 64:128].any()
 
 
 # ---------------------------------------------------------------- bad inputs

@@ -7,6 +7,9 @@ mask is logits > threshold. Each of those steps is linear and separable, so the 
 `Ry @ L @ Rx.T` with one (H, 4h) and one (W, 4w) matrix: the exact same values (up to float32
 rounding), with no S x S intermediate, computed for the chosen mask of each prompt only.
 Columns of the low-resolution logits that the crop never reaches are dropped from the matrices.
+Each output pixel reads at most a few neighbouring logits, so the products run block by block over
+the matrices' nonzero bands (`bands`) instead of as dense products: 8 times fewer operations for a
+600 x 400 photo, more for larger ones, the same sums (only products with exact zeros are skipped).
 SAM 2 has no padding and no crop: its logits are resized straight to (H, W) (`stretch_matrices`).
 """
 
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 
 _CHUNK_VALUES = 1 << 24
+_BAND_OUTPUTS = 64
 
 
 def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -102,26 +106,53 @@ def _blas_controller() -> Any:
     return ThreadpoolController()
 
 
+def bands(matrix: np.ndarray, outputs: int = _BAND_OUTPUTS) -> tuple[tuple[slice, slice], ...]:
+    """The nonzero band of a resampling matrix, block by block.
+
+    matrix: (O, I). Returns ((output rows, input columns), ...) for consecutive blocks of `outputs`
+    rows: within a block's rows, every entry outside its input columns is 0 (a block without any
+    nonzero entry gets an empty column slice).
+    """
+    blocks = []
+    for start in range(0, matrix.shape[0], outputs):
+        stop = min(start + outputs, matrix.shape[0])
+        used = np.flatnonzero(np.any(matrix[start:stop] != 0.0, axis=0))
+        first, last = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
+        blocks.append((slice(start, stop), slice(first, last)))
+    return tuple(blocks)
+
+
 def upsample_masks(
     logits: np.ndarray, rows: np.ndarray, cols: np.ndarray, threshold: float
 ) -> np.ndarray:
     """Low-resolution logits -> masks (K, H, W) bool in original pixels.
 
     logits: (K, r', c') float32 with r' >= r, c' >= c; rows (H, r), cols (W, c) from
-    `upsampling_matrices`. Works through the prompts in groups whose float32 full-resolution
-    logits stay under `_CHUNK_VALUES` values (64 MiB).
+    `upsampling_matrices`. The logits are `rows @ logits @ cols.T`, computed band by band
+    (`bands`), in groups of prompts whose float32 full-resolution logits stay under
+    `_CHUNK_VALUES` values (64 MiB).
 
     The products run on one BLAS thread: numpy's BLAS spins its worker threads while it waits,
     and on a loaded machine (another process on the cores) 8 masks of 640 x 480 took 360 ms of
     wall time with two threads against 22 ms with one.
     """
-    cropped = np.ascontiguousarray(logits[:, : rows.shape[1], : cols.shape[1]], dtype=np.float32)
-    masks = np.empty((len(logits), rows.shape[0], cols.shape[0]), dtype=bool)
-    step = max(1, _CHUNK_VALUES // (rows.shape[0] * cols.shape[0]))
+    count = len(logits)
+    height, width = rows.shape[0], cols.shape[0]
+    cropped = logits[:, : rows.shape[1], : cols.shape[1]]
+    masks = np.empty((count, height, width), dtype=bool)
+    step = max(1, _CHUNK_VALUES // (height * width))
+    row_bands, col_bands = bands(rows), bands(cols)
+    middle = np.empty((min(step, count), height, cols.shape[1]), dtype=np.float32)
+    full = np.empty((min(step, count), height, width), dtype=np.float32)
     with _blas_controller().limit(limits=1, user_api="blas"):
-        for start in range(0, len(logits), step):
-            chunk = rows @ cropped[start : start + step] @ cols.T
-            np.greater(chunk, threshold, out=masks[start : start + step])
+        for start in range(0, count, step):
+            chunk = np.asarray(cropped[start : start + step], dtype=np.float32)
+            size = len(chunk)
+            for outputs, inputs in row_bands:
+                np.matmul(rows[outputs, inputs], chunk[:, inputs], out=middle[:size, outputs])
+            for outputs, inputs in col_bands:
+                np.matmul(middle[:size, :, inputs], cols[outputs, inputs].T, out=full[:size, :, outputs])
+            np.greater(full[:size], threshold, out=masks[start : start + size])
     return masks
 
 

@@ -25,7 +25,7 @@ from star_edge.sam.checkpoints import load_sam, resolve_device
 from star_edge.sam.embedding import ImageEmbedding
 from star_edge.sam.image_encoder import encode
 from star_edge.sam.inputs import check_image, check_prompts, encoder_input, labelled_points
-from star_edge.sam.masks import upsampling_matrices
+from star_edge.sam.masks import upsample_masks, upsampling_matrices
 from star_edge.sam.prompt_decoder import PromptDecoder
 from star_edge.sam.sam2_backend import Sam2Runner
 from star_edge.sam.sam2_model import Sam2Image
@@ -287,12 +287,15 @@ class MaskDecoder:
 
     def _upsample(self, logits: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """(K, r', c') float32 logits and the matrices of `masks.upsampling_matrices` (or
-        `masks.stretch_matrices`) -> (K, H, W) bool masks, in groups of prompts whose
+        `masks.stretch_matrices`) -> (K, H, W) bool masks. On the CPU by `masks.upsample_masks`
+        (banded products); on a GPU as dense products, in groups of prompts whose
         full-resolution logits stay under `_UPSAMPLE_VALUES` values."""
+        threshold = self._runner.mask_threshold
+        if logits.device.type == "cpu":
+            return upsample_masks(logits.numpy(), rows, cols, threshold)
         rows_t = torch.tensor(rows, device=self._device)
         cols_t = torch.tensor(cols, device=self._device).t()
         cropped = logits[:, : rows.shape[1], : cols.shape[1]]
-        threshold = self._runner.mask_threshold
         masks = torch.empty((len(logits), rows.shape[0], cols.shape[0]), dtype=torch.bool)
         step = max(1, _UPSAMPLE_VALUES // (rows.shape[0] * cols.shape[0]))
         for start in range(0, len(logits), step):
