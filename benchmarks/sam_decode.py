@@ -10,12 +10,16 @@ Decoder rows, per K:
   mask each; this postprocesses all three masks at full resolution every call (the baseline).
 - official one batch: SamPredictor.predict_torch with all K prompts at once.
 - ours: MaskDecoder.decode (torch), default max_batch and the values in --max-batch.
+- ours bfloat16 (--bf16): the same with dtype="bfloat16" (encoder and decoder weights and
+  activations in bfloat16; float32 prompt encoding, upsampling and scores), decoding its own
+  bfloat16 embedding: on CPUs with AVX512-BF16 / AMX, oneDNN's bfloat16 matrix products.
 - ours onnx (--onnx): the same weights exported by export/sam_onnx.py, OnnxMaskDecoder.decode on
   onnxruntime's CPU provider with the fp32, fp16 and int8 decoder graphs.
 Each row reports the minimum mask IoU over its prompts against the per-prompt loop; the fp16 and
 int8 rows also the mean and minimum IoU against the onnx fp32 masks.
 
-Encoder rows: SamPredictor.set_image against MaskDecoder.embed (cache off), and the ONNX encoder.
+Encoder rows: SamPredictor.set_image against MaskDecoder.embed (cache off), the bfloat16 one
+(--bf16), and the ONNX encoder.
 
 SamPredictor imports torchvision for two image functions; the script supplies them from PIL (the
 same functions, as torchvision applies them to a uint8 image) without installing torchvision.
@@ -24,13 +28,14 @@ runs with --threads threads. `--clock cpu` times this process's CPU time instead
 with one thread it is the work done, undisturbed by other processes waiting for the same cores.
 
 Usage: python benchmarks/sam_decode.py [--threads 1] [--repeats 5] [--encoder-repeats 2]
-       [--prompts 1 8 24 64] [--max-batch 1 64] [--onnx] [--clock wall|cpu]
+       [--prompts 1 8 24 64] [--max-batch 1 64] [--onnx] [--bf16] [--clock wall|cpu]
 Writes benchmarks/results/sam_decode.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -207,6 +212,7 @@ def main() -> None:
     parser.add_argument(
         "--onnx", action="store_true", help="also export to ONNX and time onnxruntime"
     )
+    parser.add_argument("--bf16", action="store_true", help="also time the bfloat16 torch decoder")
     parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
@@ -246,6 +252,13 @@ def main() -> None:
         ]
         predictor.set_image(image)
         embedding = ours.embed(image)
+        embeddings = {decoder: embedding for decoder in variants.values()}
+        if args.bf16:
+            bf16 = MaskDecoder.from_module(copy.deepcopy(sam), cache_size=0, dtype="bfloat16")
+            name = f"ours bfloat16 (max_batch={bf16.max_batch})"
+            variants[name] = bf16
+            embeddings[bf16] = bf16.embed(image)
+            encoder_rows.append(Row("ours MaskDecoder.embed, bfloat16", 0, lambda: bf16.embed(image)))
         references = {k: official_loop(predictor, *prompts[k]) for k in args.prompts}
         decoder_rows: list[Row] = []
         for count, (boxes, points) in prompts.items():
@@ -268,7 +281,7 @@ def main() -> None:
                     Row(
                         name,
                         count,
-                        lambda d=decoder, b=boxes, p=points: d.decode(embedding, b, p)[0],
+                        lambda d=decoder, b=boxes, p=points: d.decode(embeddings[d], b, p)[0],
                     )
                 )
         if onnx_dir is not None:
