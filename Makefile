@@ -59,7 +59,7 @@ demo-model-grpo: install
 bench: install
 	@$(BIN)/python benchmarks/kernels.py
 	@$(BIN)/python benchmarks/vote.py
-	@$(BIN)/python benchmarks/sam_decode.py --threads 1 --onnx --clock cpu
+	@$(BIN)/python benchmarks/sam_decode.py --threads 1 --onnx --bf16 --clock cpu
 	@$(BIN)/python benchmarks/reasoner_sampling.py --threads 1
 	@$(BIN)/python benchmarks/adaptive.py
 	@$(BIN)/python benchmarks/rewards.py

@@ -155,7 +155,9 @@ class MaskDecoder:
         place) for inference.
 
         dtype: compute dtype of the image encoder and mask decoder ("float32", "float16",
-            "bfloat16"; the half types are meant for CUDA). The prompt encoder, the mask
+            "bfloat16"). float16 is meant for CUDA; bfloat16 also runs fast on CPUs with
+            AVX512-BF16 or AMX (benchmarks/sam_decode.py --bf16), not exactly: a prompt whose
+            candidate masks score alike may pick another one. The prompt encoder, the mask
             upsampling and the returned scores stay float32.
         cache_size: embeddings kept (least recently used dropped first); 0 disables the cache.
         max_batch: prompts decoded together; None picks on CPU (SAM 1 from the embedding size,
