@@ -51,7 +51,11 @@ def test_shipped_configs_load_with_their_stage_overrides():
     demo1, demo2 = load_config("demo"), load_config("demo", stage="2")
     assert (demo1.stage, demo1.base, demo1.data.synthetic_stage) == ("1", "runs/demo/bundle", "mixed")
     assert (demo2.base, demo2.adapter, demo2.grpo["rest_rollouts"]) == ("runs/demo/bundle", "stage:1", 32)
-    for demo in (demo1, demo2):
+    vanilla = load_config("demo_vanilla")  # Stage 2 without REST, otherwise as demo's Stage 2
+    assert (vanilla.stage, vanilla.base, vanilla.grpo.get("rest_rollouts", 0)) == ("2", demo2.base, 0)
+    assert {k: v for k, v in vanilla.grpo.items() if k != "max_steps"} == {
+        k: v for k, v in demo2.grpo.items() if k not in ("max_steps", "rest_rollouts")}
+    for demo in (demo1, demo2, vanilla):
         StarGRPOConfig(output_dir="unused", **demo.grpo)  # REST's group constraints hold
 
 
@@ -107,6 +111,14 @@ def test_three_stages_resume_and_write_loadable_bundles(tmp_path):
         logged[0])
     state = json.loads((out / "stage1" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+    # Resuming a run that has reached --max-steps only writes its bundle (no step 3).
+    code, output = run("--config", str(config), "--stage", "1", "--max-steps", "2", "--out", str(out), "--resume")
+    assert code == 0, output
+    assert [row["step"] for row in rows(out / "stage1" / "metrics.jsonl") if "reward" in row] == [1, 2]
+    assert sorted(p.name for p in (out / "stage1" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-1",
+                                                                                          "checkpoint-2"]
+    saved = (out / "stage1" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert saved == (out / "stage1" / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").read_bytes()
     with Segmenter.from_pretrained(out / "stage1" / "bundle") as segmenter:
         assert segmenter.bundle.trained and segmenter.bundle.reasoner.prompt_template == "star_compact_v1"
 

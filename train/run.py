@@ -312,16 +312,28 @@ def _train_grpo(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int 
     for printing in (PrinterCallback, ProgressCallback):  # the caller shows progress (the CLI: rich)
         trainer.remove_callback(printing)
     last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
-    trainer.train(resume_from_checkpoint=last)
+    done = last is not None and _checkpoint_step(Path(last)) >= args.max_steps
+    if not done:  # Trainer resumed at max_steps would still train one step more
+        trainer.train(resume_from_checkpoint=last)
     adapter_dir, bundle_dir = stage_dir / "adapter", stage_dir / "bundle"
     accelerator = trainer.accelerator
     if accelerator.is_main_process:
-        accelerator.unwrap_model(trainer.model).save_pretrained(str(adapter_dir))
+        if done:
+            adapter_dir.mkdir(exist_ok=True)
+            for file in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copyfile(Path(last) / file, adapter_dir / file)
+        else:
+            accelerator.unwrap_model(trainer.model).save_pretrained(str(adapter_dir))
         _write_bundle(bundle_dir, section, sam_dir, sam_section,
                       lambda folder: _merge(base.reasoner_dir, adapter_dir, folder),
                       name=f"{stage_dir.parent.name}-{stage_dir.name}")
     accelerator.wait_for_everyone()
-    return trainer.state.global_step, load_bundle(bundle_dir)
+    return (_checkpoint_step(Path(last)) if done else trainer.state.global_step), load_bundle(bundle_dir)
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    """The optimiser steps a Trainer checkpoint folder holds (its trainer_state.json)."""
+    return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
 
 
 def _merge(base_dir: Path, adapter_dir: Path, folder: Path) -> None:
