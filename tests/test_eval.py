@@ -195,3 +195,43 @@ def test_cli_eval_reports_bad_arguments_on_one_line(tmp_path):
     assert missing.exit_code == 2 and "data folder not found" in missing.output
     neither = runner.invoke(app, ["eval"])
     assert neither.exit_code == 2 and "give a data folder" in neither.output
+
+
+def _report(ious: dict[tuple[int, int], float]) -> dict:
+    return {"samples": [{"index": i, "query_index": 0, "n_samples": n, "iou": value}
+                        for (i, n), value in ious.items()]}
+
+
+def test_paired_differences_match_scipys_paired_t_test(tmp_path, capsys):
+    from scipy import stats
+
+    from star_edge.train.compare_reports import main, paired_differences
+
+    generator = np.random.default_rng(0)
+    before = {(i, n): float(generator.uniform()) for i in range(40) for n in (1, 8)}
+    after = {key: min(1.0, value + float(generator.normal(0.05, 0.1))) for key, value in before.items()}
+    del after[(3, 8)]  # a query scored in one report only is left out
+    rows = paired_differences(_report(before), _report(after))
+    assert [(row.samples, row.queries) for row in rows] == [(1, 40), (8, 39)]
+    for row in rows:
+        keys = [(i, row.samples) for i in range(40) if (i, row.samples) in after]
+        a, b = np.array([before[k] for k in keys]), np.array([after[k] for k in keys])
+        t = stats.ttest_rel(b, a).statistic
+        assert row.difference / row.standard_error == pytest.approx(t, rel=1e-9)
+        assert (row.before, row.after) == (pytest.approx(a.mean()), pytest.approx(b.mean()))
+    paths = [tmp_path / "before.json", tmp_path / "after.json"]
+    for path, ious in zip(paths, (before, after)):
+        path.write_text(json.dumps(_report(ious)))
+    main([str(paths[0]), str(paths[1]), "--json", str(tmp_path / "rows.json")])
+    assert "N = 8: 39 queries" in capsys.readouterr().out
+    assert json.loads((tmp_path / "rows.json").read_text())[0]["queries"] == 40
+
+
+def test_paired_differences_name_what_is_wrong():
+    from star_edge.errors import InvalidInputError
+    from star_edge.train.compare_reports import paired_differences
+
+    with pytest.raises(InvalidInputError, match="second report"):
+        paired_differences(_report({(0, 1): 0.5, (1, 1): 0.2}), {"summary": {}})
+    with pytest.raises(InvalidInputError, match="share no queries"):
+        paired_differences(_report({(0, 1): 0.5, (1, 1): 0.2}), _report({(5, 1): 0.5, (6, 1): 0.2}))
