@@ -51,10 +51,12 @@ demo-model: install
 	  --reasoner-weights $(DEMO_RUNS)/sft/checkpoint/reasoner/model.safetensors
 
 # The recipe's GRPO stages on top of the SFT bundle that demo-model writes (train/configs/demo.yaml
-# reads runs/demo/bundle); the shipped model has not had them yet. Resumable like the rest.
+# reads runs/demo/bundle): Stage 1, then Stage 2 with REST and, for the comparison at equal compute,
+# without (demo_vanilla.yaml). The shipped model has not had them. Resumable like the rest.
 demo-model-grpo: install
 	$(BIN)/star-edge train --config demo --stage 1 --out runs/demo/grpo --resume
 	$(BIN)/star-edge train --config demo --stage 2 --out runs/demo/grpo --resume
+	$(BIN)/star-edge train --config demo_vanilla --out runs/demo/grpo-vanilla --resume
 
 bench: install
 	@$(BIN)/python benchmarks/kernels.py
