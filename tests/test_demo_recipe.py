@@ -170,3 +170,14 @@ def test_demo_eval_reports_every_phase_and_the_end_to_end_score(tmp_path):
     assert all(0.0 <= scores["box_iou"] <= 1.0 for scores in report["box_iou"].values())
     end_to_end = report["end_to_end"]
     assert end_to_end["backend"] == "onnx" and end_to_end["scenes"] == 2 and 0.0 <= end_to_end["mean_mask_iou"] <= 1.0
+
+
+def test_demo_eval_skips_a_part_asked_for_zero_times(tmp_path, capsys):
+    from star_edge.train.demo_eval import main
+
+    main(["--val", "0", "--scenes", "1", "--samples", "1", "--json", str(tmp_path / "card.json")])
+    report = json.loads((tmp_path / "card.json").read_text())
+    assert "box_iou" not in report and report["end_to_end"]["scenes"] == 1
+    with pytest.raises(SystemExit):
+        main(["--val", "-1"])
+    assert "--val must be at least 0" in capsys.readouterr().err

@@ -11,7 +11,7 @@ The reasoning-segmentation scores (gIoU / cIoU per type and depth) come from `st
 --synthetic`; this adds what that benchmark does not ask.
 
 Usage: python -m star_edge.train.demo_eval [--bundle DIR] [--val 200] [--scenes 100] [--samples 8]
-       [--json PATH]
+       [--json PATH]    (--val 0 or --scenes 0 skips that part)
 """
 
 from __future__ import annotations
@@ -65,14 +65,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry (module docstring)."""
     parser = argparse.ArgumentParser(description="The demo model's held-out numbers.")
     parser.add_argument("--bundle", type=Path, default=None, help="a bundle folder (default: the shipped one)")
-    parser.add_argument("--val", type=int, default=200, help="val scenes per curriculum phase")
-    parser.add_argument("--scenes", type=int, default=100, help="test scenes end to end")
+    parser.add_argument("--val", type=int, default=200, help="val scenes per curriculum phase (0: skip)")
+    parser.add_argument("--scenes", type=int, default=100, help="test scenes end to end (0: skip)")
     parser.add_argument("--samples", type=int, default=8, help="samples voted end to end")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
+    for name in ("val", "scenes", "samples"):
+        if getattr(args, name) < (1 if name == "samples" else 0):
+            parser.error(f"--{name} must be at least {1 if name == 'samples' else 0}, got {getattr(args, name)}")
     bundle_dir = args.bundle or default_bundle_path()
-    report = {"bundle": str(bundle_dir), "box_iou": phase_box_iou(bundle_dir, args.val),
-              "end_to_end": end_to_end_mask_iou(bundle_dir, args.scenes, args.samples)}
+    report: dict[str, Any] = {"bundle": str(bundle_dir)}
+    if args.val:
+        report["box_iou"] = phase_box_iou(bundle_dir, args.val)
+    if args.scenes:
+        report["end_to_end"] = end_to_end_mask_iou(bundle_dir, args.scenes, args.samples)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json is not None:
