@@ -70,9 +70,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=8, help="samples voted end to end")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
-    for name in ("val", "scenes", "samples"):
-        if getattr(args, name) < (1 if name == "samples" else 0):
-            parser.error(f"--{name} must be at least {1 if name == 'samples' else 0}, got {getattr(args, name)}")
+    for name, least in (("val", 0), ("scenes", 0), ("samples", 1)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name} must be at least {least}, got {getattr(args, name)}")
     bundle_dir = args.bundle or default_bundle_path()
     report: dict[str, Any] = {"bundle": str(bundle_dir)}
     if args.val:

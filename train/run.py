@@ -312,7 +312,8 @@ def _train_grpo(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int 
     for printing in (PrinterCallback, ProgressCallback):  # the caller shows progress (the CLI: rich)
         trainer.remove_callback(printing)
     last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
-    done = last is not None and _checkpoint_step(Path(last)) >= args.max_steps
+    trained = _checkpoint_step(Path(last)) if last is not None else 0
+    done = trained >= args.max_steps
     if not done:  # Trainer resumed at max_steps would still train one step more
         trainer.train(resume_from_checkpoint=last)
     adapter_dir, bundle_dir = stage_dir / "adapter", stage_dir / "bundle"
@@ -328,7 +329,7 @@ def _train_grpo(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int 
                       lambda folder: _merge(base.reasoner_dir, adapter_dir, folder),
                       name=f"{stage_dir.parent.name}-{stage_dir.name}")
     accelerator.wait_for_everyone()
-    return (_checkpoint_step(Path(last)) if done else trainer.state.global_step), load_bundle(bundle_dir)
+    return (trained if done else trainer.state.global_step), load_bundle(bundle_dir)
 
 
 def _checkpoint_step(checkpoint: Path) -> int:
