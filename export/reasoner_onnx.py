@@ -21,10 +21,9 @@ The graphs come from torch.onnx.export (the torch.export-based exporter) at opse
 with onnx.checker. By default the weights that are tensors of the checkpoint (as they are or
 transposed) are then read from its safetensors at load instead of being copied into the `.data`
 files (`export.weight_links`); the description lists them. Verification runs a probe (an image
-and a query) through onnxruntime and through
-the torch reasoner: the numpy preprocessing must give the processor's tokens, pixels and positions
-exactly, and the fp32 graphs the torch outputs within `TOLERANCE` (max |difference| relative to the
-largest |value| of the output, at least 1).
+and a query) through onnxruntime and through the torch reasoner: the numpy preprocessing must give
+the processor's tokens, pixels and positions exactly, and the fp32 graphs the torch outputs within
+`TOLERANCE` (max |difference| relative to the largest |value| of the output, at least 1).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
 `<file>.data` beside it resolve; a graph whose weights are linked to the checkpoint is first
 written whole to a scratch folder, `weight_links.materialize_graph`), adds the optimisation
 profiles of `tensorrt_profiles`, builds a serialised engine per graph into
-`tensorrt/<key>/<graph>.engine` and returns the record the
-manifest keeps under `tensorrt.engines[<key>]` (format in `star_edge.tensorrt_runtime`; the
-manifest writer lists the files with their sha256). The key names the GPU architecture and the
+`tensorrt/<key>/<graph>.engine` and returns the record the manifest keeps under
+`tensorrt.engines[<key>]` (format in `star_edge.tensorrt_runtime`; the manifest writer lists the
+files with their sha256). The key names the GPU architecture and the
 TensorRT version: engines work only where they were built, so build them on the target machine.
 
 Precision: "fp32" (TF32 off, so results follow the ONNX graphs closely) or "fp16" (TensorRT may

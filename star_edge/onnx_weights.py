@@ -10,8 +10,9 @@ description lists where each one comes from::
 
 At load, `linked_initializers` reads those tensors with safetensors' numpy reader (no torch), casts
 them to the graph's dtype (a float16 checkpoint feeds a float32 graph exactly), transposes where
-noted, and `onnxruntime_session` hands them to onnxruntime as the session's external initializers. A checkpoint that no
-longer has a linked tensor, or has it in another shape, is a BundleError naming both.
+noted, and `onnxruntime_session` hands them to onnxruntime as the session's external
+initializers. A checkpoint that no longer has a linked tensor, or has it in another shape, is a
+BundleError naming both.
 """
 
 from __future__ import annotations
