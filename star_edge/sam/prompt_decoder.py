@@ -266,10 +266,11 @@ class PromptDecoder(torch.nn.Module):
         return 4 * height, 4 * width
 
     def default_max_batch(self) -> int:
-        """Prompts per group on CPU: as many as keep a group's per-prompt image tokens (two
-        (P, C) tensors per prompt: the tokens and tokens + PE) within 32 MiB; 4 for a
-        64 x 64 x 256 embedding. Measured on a 2-core CPU (ViT-B, K = 24): 1 -> 0.62 s,
-        4 -> 0.58 s, 8 -> 0.61 s (benchmarks/sam_decode.py)."""
+        """Prompts per group on CPU: as many as keep twice a group's per-prompt image tokens
+        ((P, C) per prompt, kept between blocks; the factor two leaves room for a block's
+        intermediates) within 32 MiB; 4 for a 64 x 64 x 256 embedding. Measured on a 2-core CPU
+        (ViT-B, one thread, benchmarks/sam_decode.py): max_batch 1 / 4 / 64 -> K = 24 in 0.52 /
+        0.47 / 0.47 s, K = 64 in 1.47 / 1.24 / 1.53 s."""
         height, width = self.prompt_encoder.image_embedding_size
         per_prompt = 2 * height * width * self.prompt_encoder.embed_dim * 4
         return max(1, _WORKING_SET_BYTES // per_prompt)
