@@ -14,7 +14,6 @@ themselves (TensorRT's parser).
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from star_edge.bundle import checkpoint_weight_files
 from star_edge.onnx_weights import LINKED_KEY, linked_initializers
 
 #: Initializers with fewer elements stay in the graph (biases of norms cost nothing to copy).
@@ -32,14 +32,6 @@ MIN_LINKED_ELEMENTS = 1024
 LINKED_LOCATION = "linked-from-checkpoint"
 #: safetensors dtypes numpy reads (bfloat16 and float8 checkpoints are never linked).
 _NUMPY_DTYPES = {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
-
-
-def _checkpoint_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder: model.safetensors or the shards its index lists."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [folder / "model.safetensors"]
 
 
 class _Checkpoint:
@@ -78,7 +70,7 @@ def link_graphs(folder: Path, graphs: Sequence[dict[str, Any]], checkpoint_dir: 
     a bundle never reads weights from outside itself.
     """
     bundle = folder.resolve().parent
-    files = [path for path in _checkpoint_files(checkpoint_dir) if bundle in path.resolve().parents and path.is_file()]
+    files = [path for path in checkpoint_weight_files(checkpoint_dir) if bundle in path.resolve().parents and path.is_file()]
     if not files:
         return
     tensors = _Checkpoint(files)

@@ -149,6 +149,24 @@ def verify_files(bundle: Bundle) -> None:
             )
 
 
+def checkpoint_weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face checkpoint folder: the shards that
+    `model.safetensors.index.json` lists when there is one, else `model.safetensors` (whether they
+    exist is the caller's question).
+
+    Raises:
+        BundleError: an index that is not a safetensors index (named).
+    """
+    index = directory / "model.safetensors.index.json"
+    if not index.is_file():
+        return [directory / "model.safetensors"]
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
+        raise BundleError(f"{index} is not a safetensors index: {err}") from err
+    return [directory / shard for shard in shards]
+
+
 def file_sha256(path: Path) -> str:
     """sha256 (hex) of a file, cached per process by (resolved path, size, mtime)."""
     stat = path.stat()

@@ -255,6 +255,26 @@ def test_bad_checkpoints_raise_bundle_error_naming_the_problem(checkpoints, tmp_
         TorchReasoner.from_dir(truncated, manifest)
 
 
+def test_sharded_checkpoints_load_and_a_missing_shard_is_named(reasoners, checkpoints, image, tmp_path):
+    """A checkpoint saved in shards (model.safetensors.index.json) loads to the same model; a shard
+    the index lists but the folder lacks, or an index that is not one, is a BundleError naming it."""
+    source, manifest = checkpoints["qwen3_vl"]
+    sharded = tmp_path / "sharded"
+    shutil.copytree(source, sharded, ignore=shutil.ignore_patterns("model.safetensors"))
+    reasoners["qwen3_vl"].model.save_pretrained(sharded, max_shard_size="200KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2 and not (sharded / "model.safetensors").exists()
+    loaded = TorchReasoner.from_dir(sharded, manifest)
+    assert loaded.generate(image, QUERY, n=1).texts == reasoners["qwen3_vl"].generate(image, QUERY, n=1).texts
+    (sharded / shards[-1]).unlink()
+    with pytest.raises(BundleError, match=f"lacks {shards[-1]}"):
+        TorchReasoner.from_dir(sharded, manifest)
+    (sharded / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(BundleError, match="is not a safetensors index"):
+        TorchReasoner.from_dir(sharded, manifest)
+
+
 def test_messages_ask_for_the_star_answer_format():
     messages = build_messages("  the thing used for cutting ", frame="grid1000")
     assert [part["type"] for part in messages[0]["content"]] == ["image", "text"]

@@ -44,6 +44,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from star_edge.bundle import checkpoint_weight_files
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
 from star_edge.reasoner import ReasonerOutput, decoding, sampling
 from star_edge.reasoner.prompts import FRAMES, PROMPT_TEMPLATES, build_messages
@@ -96,17 +97,9 @@ def _require_files(directory: Path) -> None:
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         if not (directory / name).is_file():
             raise BundleError(f"reasoner checkpoint {directory} lacks {name}")
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as err:
-            raise BundleError(f"{index} is not a safetensors index: {err}") from err
-        for shard in shards:
-            if not (directory / shard).is_file():
-                raise BundleError(f"reasoner checkpoint {directory} lacks {shard} (listed in {index.name})")
-    elif not (directory / "model.safetensors").is_file():
-        raise BundleError(f"reasoner checkpoint {directory} lacks model.safetensors")
+    for path in checkpoint_weight_files(directory):
+        if not path.is_file():
+            raise BundleError(f"reasoner checkpoint {directory} lacks {path.name}")
 
 
 def _read_chat_template(directory: Path) -> str:
