@@ -181,3 +181,34 @@ def test_demo_eval_skips_a_part_asked_for_zero_times(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--val", "-1"])
     assert "--val must be at least 0" in capsys.readouterr().err
+
+
+def test_demo_sft_without_labels_trains_and_bundles_the_no_label_format(tmp_path, capsys):
+    from star_edge.bundle import load_bundle
+    from star_edge.defaults import DEMO_BUNDLE_DIR
+    from star_edge.train.demo import main
+    from star_edge.train.demo_bundle import write_demo_bundle
+    from star_edge.train.sft import SFTBatcher
+
+    run = ["--run-dir", str(tmp_path / "run"), "--batch-size", "2", "--warmup-steps", "1", "--log-every", "1"]
+    main([*run, "--no-labels", "--until-step", "1"])
+    section = json.loads((tmp_path / "run" / "reasoner_manifest.json").read_text())
+    assert section["prompt_template"] == "star_compact_v1_nolabel"
+    reasoner = TorchReasoner.from_dir(tmp_path / "run" / "init", section, dtype=torch.float32)
+    target = CurriculumSource()(130_000)  # the mixed stream: several targets, each with a label
+    tokenizer = reasoner.processor.tokenizer
+    for with_labels in (True, False):
+        text = tokenizer.decode(SFTBatcher(reasoner, with_labels).encode(target)["input_ids"])
+        answer = text.rsplit("<answer>", 1)[1]
+        assert ('"label"' in answer) is with_labels and answer.count('"bbox_2d"') == len(target.boxes)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:  # the run folder keeps its answer format
+        main([*run, "--until-step", "2"])
+    assert stopped.value.code == 2 and "star_compact_v1_nolabel" in capsys.readouterr().err
+
+    shipped = load_bundle(DEMO_BUNDLE_DIR)
+    weights = tmp_path / "run" / "checkpoint" / "reasoner" / "model.safetensors"
+    bundle = write_demo_bundle(tmp_path / "b", weights, shipped.sam_dir, onnx=False, with_labels=False)
+    assert bundle.manifest["reasoner"]["prompt_template"] == "star_compact_v1_nolabel"
+    asked = TorchReasoner.from_dir(bundle.reasoner_dir, bundle.manifest["reasoner"], dtype=torch.float32)
+    assert asked.prompt_template == "star_compact_v1_nolabel"

@@ -25,10 +25,12 @@ from typing import Callable, Sequence
 import torch
 from tokenizers import Tokenizer
 
+from star_edge.errors import InvalidInputError
 from star_edge.export.tiny_reasoner import MAX_NUMBER_TOKEN, TinyDims, write_tiny_reasoner
 from star_edge.reasoner.torch_backend import TorchReasoner
 from star_edge.train.data.synthetic import SyntheticConfig, SyntheticSample, sample, split_seed
 from star_edge.train.demo_init import apply_demo_init
+from star_edge.train.grpo_data import prompt_template_for
 from star_edge.train.sft import SFTConfig, SFTTrainer, TrainerState
 
 DEMO_FAMILY = "qwen3_vl"
@@ -91,11 +93,13 @@ def held_out(count: int, config: SyntheticConfig, seed: int = DEMO_DATA_SEED) ->
     return [sample(split_seed(seed, "val"), index, config) for index in range(count)]
 
 
-def init_reasoner(directory: str | Path, seed: int = 0, demo_init: bool = True) -> dict:
+def init_reasoner(directory: str | Path, seed: int = 0, demo_init: bool = True, with_labels: bool = True) -> dict:
     """Write the untrained demo reasoner; returns the manifest's reasoner section.
 
     `demo_init` starts the vision position table and the coordinate tokens' rows from smooth codes
     (`demo_init.apply_demo_init`); False keeps Hugging Face's random initialisation throughout.
+    `with_labels` False asks with the prompt template's no-label variant (the label-prediction
+    ablation: answers carry boxes and points only).
     """
     section = write_tiny_reasoner(directory, seed=seed, family=DEMO_FAMILY, dims=DEMO_DIMS,
                                   max_new_tokens=DEMO_MAX_NEW_TOKENS)
@@ -103,7 +107,7 @@ def init_reasoner(directory: str | Path, seed: int = 0, demo_init: bool = True) 
         tokenizer = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
         apply_demo_init(Path(directory) / "model.safetensors",
                         [tokenizer.token_to_id(str(n)) for n in range(MAX_NUMBER_TOKEN + 1)])
-    return {**section, "prompt_template": DEMO_PROMPT_TEMPLATE}
+    return {**section, "prompt_template": prompt_template_for(DEMO_PROMPT_TEMPLATE, with_labels)}
 
 
 def run_sft(
@@ -128,15 +132,25 @@ def run_sft(
     `run_dir/init/` holds the initial checkpoint (`demo_init`: see `init_reasoner`) and
     `run_dir/reasoner_manifest.json` its manifest section (both written on first use),
     `run_dir/checkpoint/` the latest state, `run_dir/log.csv` the log.
+
+    Raises:
+        InvalidInputError: `config.with_labels` disagrees with the prompt template `run_dir` was
+            started with (a run keeps its answer format).
     """
     run_dir = Path(run_dir)
     init_dir = run_dir / "init"
     manifest_file = run_dir / "reasoner_manifest.json"
     if not manifest_file.is_file():
         manifest_file.parent.mkdir(parents=True, exist_ok=True)
-        manifest_file.write_text(json.dumps(init_reasoner(init_dir, seed=config.seed, demo_init=demo_init),
-                                             indent=2))
+        section = init_reasoner(init_dir, seed=config.seed, demo_init=demo_init, with_labels=config.with_labels)
+        manifest_file.write_text(json.dumps(section, indent=2))
     manifest = json.loads(manifest_file.read_text())
+    expected = prompt_template_for(DEMO_PROMPT_TEMPLATE, config.with_labels)
+    if manifest.get("prompt_template") != expected:
+        raise InvalidInputError(
+            f"{run_dir} was started with prompt template {manifest.get('prompt_template')!r}; training "
+            f"{'with' if config.with_labels else 'without'} labels asks with {expected!r} "
+            "(add or drop --no-labels, or use another run folder)")
     reasoner = TorchReasoner.from_dir(init_dir, manifest, device=device, dtype=torch.float32)
     trainer = SFTTrainer(reasoner, init_dir, source or CurriculumSource(), eval_samples, config, run_dir)
     if not trainer.resume() and start_weights is not None:
@@ -163,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="Hugging Face's random init throughout (no smooth position / number codes)")
     parser.add_argument("--trace-locations", action="store_true",
                         help='keep "... is at the top left." in the training traces')
+    parser.add_argument("--no-labels", action="store_true",
+                        help="answers without labels (the label-prediction ablation; the run folder keeps it)")
     parser.add_argument("--from-weights", type=Path, default=None,
                         help="continue from these weights (model.safetensors) when RUN_DIR has no checkpoint")
     parser.add_argument("--from-state", type=Path, default=None,
@@ -181,14 +197,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
                        amp_dtype=args.amp_dtype, eval_every=args.eval_every,
                        eval_count=args.eval_count, vision_lr_scale=args.vision_lr_scale,
-                       vision_weight_decay=args.vision_weight_decay)
+                       vision_weight_decay=args.vision_weight_decay, with_labels=not args.no_labels)
     phases = demo_curriculum(args.trace_locations)
     eval_samples = held_out(args.eval_count, phases[0].config) if args.eval_every else ()
-    run_sft(args.run_dir, config, device=args.device, max_steps=args.max_steps,
-            max_seconds=args.max_seconds, source=CurriculumSource(phases), eval_samples=eval_samples,
-            on_log=lambda row: print(json.dumps(row), flush=True), demo_init=not args.plain_init,
-            start_weights=args.from_weights, until_step=args.until_step,
-            start_state=TrainerState.read(args.from_state) if args.from_state else None)
+    try:
+        run_sft(args.run_dir, config, device=args.device, max_steps=args.max_steps,
+                max_seconds=args.max_seconds, source=CurriculumSource(phases), eval_samples=eval_samples,
+                on_log=lambda row: print(json.dumps(row), flush=True), demo_init=not args.plain_init,
+                start_weights=args.from_weights, until_step=args.until_step,
+                start_state=TrainerState.read(args.from_state) if args.from_state else None)
+    except InvalidInputError as exc:
+        parser.exit(2, f"error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -31,11 +31,12 @@ BUNDLE_NAME = "star-edge-demo-tiny-qwen3_vl"
 
 
 def write_demo_bundle(out: str | Path, reasoner_weights: str | Path, sam_dir: str | Path,
-                      card: dict[str, Any] | None = None, onnx: bool = True) -> Bundle:
+                      card: dict[str, Any] | None = None, onnx: bool = True, with_labels: bool = True) -> Bundle:
     """Write the demo bundle into `out` (replaced whole); returns it as the runtime reads it.
 
     `onnx` adds the fp32 ONNX graphs (onnx/, their weights linked to the checkpoints: a few MB),
-    which load without torch or transformers.
+    which load without torch or transformers. `with_labels` False: a reasoner trained without labels
+    (`python -m star_edge.train.demo --no-labels`), asked with the no-label prompt template.
 
     Raises:
         BundleError: `reasoner_weights` is missing, unreadable or does not fit the demo reasoner
@@ -44,7 +45,7 @@ def write_demo_bundle(out: str | Path, reasoner_weights: str | Path, sam_dir: st
     out = Path(out)
     sam_config = read_sam_config(sam_dir)
     with tempfile.TemporaryDirectory() as scratch:
-        section = init_reasoner(Path(scratch) / "reasoner", demo_init=False)
+        section = init_reasoner(Path(scratch) / "reasoner", demo_init=False, with_labels=with_labels)
         initial = load_file(str(Path(scratch) / "reasoner" / "model.safetensors"))
         try:
             trained = load_file(str(reasoner_weights))
@@ -76,10 +77,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sam-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--card", type=Path, default=None, help="a JSON model card stored in the manifest")
+    parser.add_argument("--no-labels", action="store_true", help="the reasoner was trained without labels")
     args = parser.parse_args(argv)
     card = json.loads(args.card.read_text()) if args.card else None
     try:
-        bundle = write_demo_bundle(args.out, args.reasoner_weights, args.sam_dir, card)
+        bundle = write_demo_bundle(args.out, args.reasoner_weights, args.sam_dir, card, with_labels=not args.no_labels)
     except BundleError as exc:
         parser.exit(2, f"error: {exc}\n")
     print(f"wrote {bundle.root}")
