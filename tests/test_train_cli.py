@@ -148,3 +148,35 @@ def test_grpo_from_the_demo_bundle_takes_prompts_of_different_lengths_in_one_bat
     code, output = run("--config", str(config), "--max-steps", "1", "--out", str(tmp_path / "run"))
     assert code == 0, output
     assert [row["step"] for row in rows(tmp_path / "run" / "stage1" / "metrics.jsonl") if "reward" in row] == [1]
+
+
+def test_full_fine_tuning_trains_the_language_model_and_leaves_the_vision_tower(tmp_path):
+    from safetensors.torch import load_file
+
+    settings = {**MINI, "grpo": {**MINI["grpo"], "lora_rank": 0},
+                "stages": {"1": {"base": "stage:sft"}, "2": {"base": "stage:sft", "adapter": "stage:1"}}}
+    config = tmp_path / "full.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    out = tmp_path / "run"
+    assert run("--config", str(config), "--max-steps", "1", "--out", str(out))[0] == 0
+    code, output = run("--config", str(config), "--stage", "1", "--max-steps", "2", "--out", str(out))
+    assert code == 0, output
+    assert not (out / "stage1" / "adapter").exists()
+    base = load_file(str(out / "sft" / "bundle" / "reasoner" / "model.safetensors"))
+    tuned = load_file(str(out / "stage1" / "bundle" / "reasoner" / "model.safetensors"))
+    assert base.keys() == tuned.keys()
+    vision = [name for name in base if name.startswith("model.visual.")]
+    language = [name for name in base if name.startswith("model.language_model.")]
+    assert vision and all(base[name].equal(tuned[name]) for name in vision)
+    changed = [name for name in language if not base[name].equal(tuned[name])]
+    assert any("mlp" in name for name in changed) and any("embed_tokens" in name for name in changed)
+    first = (out / "stage1" / "bundle" / "reasoner" / "model.safetensors").read_bytes()
+    # Resumed at --max-steps: the same weights again, from the last checkpoint, no step 3.
+    code, output = run("--config", str(config), "--stage", "1", "--max-steps", "2", "--out", str(out), "--resume")
+    assert code == 0, output
+    assert (out / "stage1" / "bundle" / "reasoner" / "model.safetensors").read_bytes() == first
+    assert [row["step"] for row in rows(out / "stage1" / "metrics.jsonl") if "reward" in row] == [1, 2]
+    with Segmenter.from_pretrained(out / "stage1" / "bundle") as segmenter:
+        assert segmenter.bundle.trained and segmenter.bundle.reasoner.prompt_template == "star_compact_v1"
+    code, output = run("--config", str(config), "--stage", "2", "--max-steps", "1", "--out", str(out))
+    assert code == 2 and "full fine-tuning" in output and "stage:1" in output

@@ -1,5 +1,8 @@
 """GRPO with LoRA on TRL's GRPOTrainer, plus REST (StAR Stage 2), DESIGN section 8.
 
+`lora_rank` 0 trains the language model's own weights instead of an adapter (full fine-tuning, the
+comparison a model as small as the demo reasoner invites); the vision tower stays frozen either way.
+
 TRL owns sampling, the group-normalised advantages ((r - group mean) / (group std + eps), one value
 per rollout for all its tokens), the clipped policy-ratio loss, the optional KL term, checkpoints,
 accelerate / DeepSpeed / FSDP and vLLM generation. `StarGRPOTrainer` overrides three small methods
@@ -78,7 +81,7 @@ class StarGRPOConfig(GRPOConfig):
     report_to: Any = "none"
     """No external trackers by default; metrics go to the run's JSONL."""
     lora_rank: int = 64
-    """LoRA rank (StAR: 64)."""
+    """LoRA rank (StAR: 64); 0 fine-tunes the language model's own weights (no adapter)."""
     lora_alpha: int = 64
     """LoRA alpha (StAR: 64)."""
     lora_dropout: float = 0.0
@@ -91,6 +94,8 @@ class StarGRPOConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.lora_rank < 0:
+            raise InvalidInputError(f"lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
         if self.rest_rollouts and (self.rest_rollouts < self.num_generations
                                    or self.rest_rollouts % self.num_generations):
             raise InvalidInputError(f"rest_rollouts ({self.rest_rollouts}) must be a multiple of num_generations "
@@ -103,10 +108,23 @@ class StarGRPOConfig(GRPOConfig):
                                     "steps_per_generation must be a multiple of num_generations")
 
 
-def lora_config(args: StarGRPOConfig) -> LoraConfig:
-    """The peft LoRA configuration of `args` (rank, alpha, dropout, language-model linear layers)."""
+def lora_config(args: StarGRPOConfig) -> LoraConfig | None:
+    """The peft LoRA configuration of `args` (rank, alpha, dropout, language-model linear layers);
+    None for full fine-tuning (`lora_rank` 0)."""
+    if args.lora_rank == 0:
+        return None
     return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
+
+
+def freeze_vision_tower(model: nn.Module) -> int:
+    """Stop gradients to the vision tower and its merger (parameters under `model.visual`), as LoRA
+    leaves them untouched; returns how many parameters stay trainable (language model, lm_head)."""
+    trainable = 0
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(not name.startswith("model.visual."))
+        trainable += parameter.numel() if parameter.requires_grad else 0
+    return trainable
 
 
 class StarGRPOTrainer(GRPOTrainer):

@@ -6,12 +6,15 @@
     config.yaml      the resolved configuration
     metrics.jsonl    one JSON object per logged step (GRPO: reward per term, reward/group_std, KL when
                      beta > 0, completion lengths, learning rate, ...; SFT: loss, lr, throughput)
-    checkpoints/     GRPO: TRL checkpoints (LoRA adapter, optimiser, scheduler, RNG, trainer state)
+    checkpoints/     GRPO: TRL checkpoints (LoRA adapter, or the whole model under full fine-tuning;
+                     optimiser, scheduler, RNG, trainer state)
     checkpoint/      SFT: the SFT loop's checkpoint (full weights, optimiser, RNG, stream position)
-    adapter/         GRPO: the final LoRA adapter (peft format)
+    adapter/         GRPO with LoRA: the final adapter (peft format)
     bundle/          the trained model as a bundle (`Segmenter.from_pretrained(out/<stage>/bundle)`):
                      GRPO merges the adapter into the base (`star_edge.export.merge.merge_lora`, which
-                     checks the merged model computes what the unmerged one did); SAM is copied.
+                     checks the merged model computes what the unmerged one did), or under full
+                     fine-tuning (`lora_rank: 0`) takes the last checkpoint's weights with the base's
+                     tokenizer and processor files; SAM is copied.
 
 A stage whose folder holds a checkpoint continues only with `resume=True` (a checkpoint is always
 written at the last step, so a stopped run resumes exactly where it stopped); `max_steps` is the
@@ -259,7 +262,7 @@ def _train_grpo(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int 
 
     from star_edge.reasoner.torch_backend import TorchReasoner
     from star_edge.sam import MaskDecoder
-    from star_edge.train.grpo import StarGRPOConfig, StarGRPOTrainer, lora_config
+    from star_edge.train.grpo import StarGRPOConfig, StarGRPOTrainer, freeze_vision_tower, lora_config
     from star_edge.train.grpo_data import grpo_dataset, open_items, prompt_template_for
     from star_edge.train.rewards import RewardConfig
     from star_edge.train.rollout_reward import StarReward
@@ -270,6 +273,11 @@ def _train_grpo(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int 
         settings["max_steps"] = max_steps
     settings.setdefault("use_vllm", is_vllm_available() and torch.cuda.is_available())
     args = StarGRPOConfig(output_dir=str(checkpoints), **settings)
+    peft_config = lora_config(args)
+    full = peft_config is None
+    if full and config.adapter is not None:
+        raise InvalidInputError(f"full fine-tuning (lora_rank 0) trains the base's own weights, not the adapter "
+                                f"{config.adapter}: continue another stage with base: stage:<name> and no adapter")
     base = resolve_base(config, out, stage_dir)
     adapter = resolve_adapter(config, out)
     sam_dir, sam_section = resolve_sam(config, base, stage_dir)
@@ -278,7 +286,8 @@ def _train_grpo(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int 
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     reasoner = TorchReasoner.from_dir(base.reasoner_dir, section, device="cpu", dtype=dtype)
     model = reasoner.model.train()
-    peft_config = lora_config(args)
+    if full:
+        freeze_vision_tower(model)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
         peft_config = None
@@ -318,7 +327,12 @@ def _train_grpo(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int 
         trainer.train(resume_from_checkpoint=last)
     adapter_dir, bundle_dir = stage_dir / "adapter", stage_dir / "bundle"
     accelerator = trainer.accelerator
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and full:  # the step's checkpoint holds the weights (saved at the last step)
+        final = Path(get_last_checkpoint(str(checkpoints)))
+        _write_bundle(bundle_dir, section, sam_dir, sam_section,
+                      lambda folder: _copy_full_weights(base.reasoner_dir, final, folder),
+                      name=f"{stage_dir.parent.name}-{stage_dir.name}")
+    elif accelerator.is_main_process:
         if done:
             adapter_dir.mkdir(exist_ok=True)
             for file in ("adapter_config.json", "adapter_model.safetensors"):
@@ -335,6 +349,23 @@ def _train_grpo(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int 
 def _checkpoint_step(checkpoint: Path) -> int:
     """The optimiser steps a Trainer checkpoint folder holds (its trainer_state.json)."""
     return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+
+
+def _copy_full_weights(base_dir: Path, checkpoint: Path, folder: Path) -> None:
+    """A reasoner folder from a fully fine-tuned Trainer checkpoint: its config and weights, the
+    base's tokenizer, chat template and processor files (as `merge_lora` writes them)."""
+    from star_edge.bundle import checkpoint_weight_files
+    from star_edge.export.merge import PROCESSOR_SUFFIXES, WRITTEN_FILES
+
+    folder.mkdir(parents=True)
+    index = checkpoint / "model.safetensors.index.json"
+    written = [checkpoint / "config.json", *checkpoint_weight_files(checkpoint), *([index] if index.is_file() else [])]
+    generation = checkpoint / "generation_config.json"
+    for source in [*written, *([generation] if generation.is_file() else [])]:
+        shutil.copyfile(source, folder / source.name)
+    for source in sorted(base_dir.iterdir()):
+        if source.is_file() and source.suffix in PROCESSOR_SUFFIXES and source.name not in WRITTEN_FILES:
+            shutil.copyfile(source, folder / source.name)
 
 
 def _merge(base_dir: Path, adapter_dir: Path, folder: Path) -> None:
