@@ -161,3 +161,24 @@ def test_rest_settings_are_checked():
             StarGRPOConfig(output_dir="unused", per_device_train_batch_size=8, gradient_accumulation_steps=1,
                            num_generations=bad.get("num_generations", 4), use_cpu=True, bf16=False,
                            rest_rollouts=bad["rest_rollouts"])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_full_fine_tuning_freezes_exactly_the_vision_tower(family, tmp_path):
+    from star_edge.errors import InvalidInputError
+    from star_edge.train.grpo import freeze_vision_tower
+
+    section = write_tiny_reasoner(tmp_path, family=family)
+    model = TorchReasoner.from_dir(tmp_path, section, dtype=torch.float32).model
+    vision = model.model.visual
+    trainable = freeze_vision_tower(model)
+    assert not any(parameter.requires_grad for parameter in vision.parameters())
+    assert all(parameter.requires_grad for parameter in model.model.language_model.parameters())
+    assert model.lm_head.weight.requires_grad
+    frozen = {id(parameter) for parameter in vision.parameters()}
+    assert trainable == sum(p.numel() for p in model.parameters() if id(p) not in frozen) > 0
+    args = dict(output_dir="unused", per_device_train_batch_size=4, num_generations=4, use_cpu=True, bf16=False)
+    assert lora_config(StarGRPOConfig(**args, lora_rank=0)) is None
+    assert lora_config(StarGRPOConfig(**args, lora_rank=8)).r == 8
+    with pytest.raises(InvalidInputError, match="lora_rank"):
+        StarGRPOConfig(**args, lora_rank=-1)
