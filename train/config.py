@@ -51,7 +51,8 @@ class TrainConfig:
     config with random weights: what a from-scratch SFT starts from)."""
     adapter: str | None = None
     """A LoRA adapter over `base` to go on training (a peft folder or "stage:<name>"); StAR's Stage 2
-    continues Stage 1's adapter. None starts a fresh LoRA."""
+    continues Stage 1's adapter. None starts a fresh LoRA (or, with `grpo: lora_rank: 0`, trains the
+    base's own weights: full fine-tuning continues a stage through `base`, never an adapter)."""
     sam: str | None = None
     """SAM for the mask rewards and the written bundle: a bundle folder, a sam/ folder, or "tiny"
     (the untrained tiny SAM); None takes `base`'s bundle's SAM."""
