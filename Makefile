@@ -58,11 +58,13 @@ demo-model: install
 
 # The recipe's GRPO stages on top of the SFT bundle that demo-model writes (train/configs/demo.yaml
 # reads runs/demo/bundle): Stage 1, then Stage 2 with REST and, for the comparison at equal compute,
-# without (demo_vanilla.yaml). The shipped model has not had them. Resumable like the rest.
+# without (demo_vanilla.yaml), and Stage 1 with full fine-tuning instead of LoRA (demo_full.yaml).
+# The shipped model has not had them. Resumable like the rest.
 demo-model-grpo: install
 	$(BIN)/star-edge train --config demo --stage 1 --out runs/demo/grpo --resume
 	$(BIN)/star-edge train --config demo --stage 2 --out runs/demo/grpo --resume
 	$(BIN)/star-edge train --config demo_vanilla --out runs/demo/grpo-vanilla --resume
+	$(BIN)/star-edge train --config demo_full --out runs/demo/grpo-full --resume
 
 bench: install
 	@$(BIN)/python benchmarks/kernels.py

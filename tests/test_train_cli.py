@@ -55,7 +55,11 @@ def test_shipped_configs_load_with_their_stage_overrides():
     assert (vanilla.stage, vanilla.base, vanilla.grpo.get("rest_rollouts", 0)) == ("2", demo2.base, 0)
     assert {k: v for k, v in vanilla.grpo.items() if k != "max_steps"} == {
         k: v for k, v in demo2.grpo.items() if k not in ("max_steps", "rest_rollouts")}
-    for demo in (demo1, demo2, vanilla):
+    full = load_config("demo_full")  # Stage 1 with full fine-tuning, otherwise as demo's Stage 1
+    assert (full.stage, full.base, full.data, full.grpo["lora_rank"]) == ("1", demo1.base, demo1.data, 0)
+    assert {k: v for k, v in full.grpo.items() if k not in ("learning_rate", "lora_rank")} == {
+        k: v for k, v in demo1.grpo.items() if k not in ("learning_rate", "lora_rank", "lora_alpha")}
+    for demo in (demo1, demo2, vanilla, full):
         StarGRPOConfig(output_dir="unused", **demo.grpo)  # REST's group constraints hold
 
 
