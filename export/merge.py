@@ -228,10 +228,16 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: st
     out.mkdir(parents=True, exist_ok=True)
     with quiet_transformers():
         merged_model.save_pretrained(out)
+    copy_processor_files(base, out)
+    return report
+
+
+def copy_processor_files(base: Path, out: Path) -> None:
+    """Copy the base checkpoint's tokenizer, chat template and processor files into `out`, where a
+    model was just saved (`PROCESSOR_SUFFIXES`, except the `WRITTEN_FILES` that the save wrote)."""
     for source in sorted(base.iterdir()):
         if source.is_file() and source.suffix in PROCESSOR_SUFFIXES and source.name not in WRITTEN_FILES:
             shutil.copyfile(source, out / source.name)
-    return report
 
 
 def _sam_section(sam: Path, out: Path) -> dict:

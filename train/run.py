@@ -352,20 +352,18 @@ def _checkpoint_step(checkpoint: Path) -> int:
 
 
 def _copy_full_weights(base_dir: Path, checkpoint: Path, folder: Path) -> None:
-    """A reasoner folder from a fully fine-tuned Trainer checkpoint: its config and weights, the
-    base's tokenizer, chat template and processor files (as `merge_lora` writes them)."""
+    """A reasoner folder from a fully fine-tuned Trainer checkpoint: the weights and the files saved
+    with them (config, generation config, shard index), then the base's tokenizer, chat template and
+    processor files, as `merge_lora` writes a merged model."""
     from star_edge.bundle import checkpoint_weight_files
-    from star_edge.export.merge import PROCESSOR_SUFFIXES, WRITTEN_FILES
+    from star_edge.export.merge import WRITTEN_FILES, copy_processor_files
 
     folder.mkdir(parents=True)
-    index = checkpoint / "model.safetensors.index.json"
-    written = [checkpoint / "config.json", *checkpoint_weight_files(checkpoint), *([index] if index.is_file() else [])]
-    generation = checkpoint / "generation_config.json"
-    for source in [*written, *([generation] if generation.is_file() else [])]:
+    optional = [checkpoint / name for name in WRITTEN_FILES if name != "config.json"]
+    saved = [checkpoint / "config.json", *(path for path in optional if path.is_file())]
+    for source in [*checkpoint_weight_files(checkpoint), *saved]:
         shutil.copyfile(source, folder / source.name)
-    for source in sorted(base_dir.iterdir()):
-        if source.is_file() and source.suffix in PROCESSOR_SUFFIXES and source.name not in WRITTEN_FILES:
-            shutil.copyfile(source, folder / source.name)
+    copy_processor_files(base_dir, folder)
 
 
 def _merge(base_dir: Path, adapter_dir: Path, folder: Path) -> None:
