@@ -5,8 +5,9 @@ locations."""
 from __future__ import annotations
 
 import json
-
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -212,3 +213,10 @@ def test_demo_sft_without_labels_trains_and_bundles_the_no_label_format(tmp_path
     assert bundle.manifest["reasoner"]["prompt_template"] == "star_compact_v1_nolabel"
     asked = TorchReasoner.from_dir(bundle.reasoner_dir, bundle.manifest["reasoner"], dtype=torch.float32)
     assert asked.prompt_template == "star_compact_v1_nolabel"
+
+
+def test_the_sft_recipe_imports_none_of_the_grpo_stages_dependencies():
+    # A GPU machine runs the SFT phase with torch and transformers alone: no datasets, trl or peft.
+    code = ("import sys, star_edge.train.demo; "
+            "loaded = sorted({'datasets', 'trl', 'peft'} & set(sys.modules)); assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from datasets import Dataset
 from PIL import Image
 
 from star_edge.errors import InvalidInputError
@@ -29,6 +28,9 @@ from star_edge.reasoner.prompts import PROMPT_TEMPLATES, build_messages
 from star_edge.train.data.synthetic import STAGES, SyntheticConfig, sample, split_seed
 from star_edge.train.data.synthetic_scenes import interior_point, mask_box
 from star_edge.train.rewards import Target
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 NO_LABEL_SUFFIX = "_nolabel"
 """A prompt template asking for boxes and points only is registered as `<template id>` + this."""
@@ -168,5 +170,7 @@ class RowBuilder:
 def grpo_dataset(items: Callable[[int], TrainItem], count: int, frame: str, input_size: tuple[int, int],
                  template: str) -> Dataset:
     """A `datasets.Dataset` of `count` rows built on access by `RowBuilder`."""
+    from datasets import Dataset  # the GRPO stages' dependency; SFT reads prompt_template_for alone
+
     return Dataset.from_dict({"row": np.arange(count)}).with_transform(
         RowBuilder(items, frame, input_size, template))
