@@ -39,13 +39,13 @@ demo: install
 # The demo model's whole pipeline from scratch, in resumable pieces (hours on a CPU; not in CI):
 # rerun to continue where it stopped. The reasoner's SFT runs DEMO_SFT's schedule (cosine over
 # 20,000 steps) to SFT_ANNEAL_FROM, then anneals: the same run resumed with --total-steps
-# SFT_STEPS, which puts the cosine's tail (lr ~7e-5 -> 5e-5) on its last steps. These are the
-# shipped reasoner's steps (it restarted its optimiser at steps 2951 and 3600, when it moved
-# machines and sessions; this is one uninterrupted run); SFT_ARGS e.g. "--device cuda
+# SFT_STEPS, which puts the cosine's tail (lr 3.6e-4 -> 5e-5) on its last 3,612 steps. These are
+# the shipped reasoner's steps (it restarted its optimiser at steps 2951, 3600 and 5500, when it
+# moved machines and sessions; this is one uninterrupted run); SFT_ARGS e.g. "--device cuda
 # --num-workers 14" on a GPU machine.
 DEMO_RUNS ?= runs/demo
-SFT_ANNEAL_FROM ?= 5500
-SFT_STEPS ?= 6050
+SFT_ANNEAL_FROM ?= 5834
+SFT_STEPS ?= 9446
 SFT_ARGS ?= --threads 1 --num-workers 1
 demo-model: install
 	$(BIN)/python -m star_edge.train.sam_train --run-dir $(DEMO_RUNS)/sam --resume --threads 1 $(SAM_ARGS)
