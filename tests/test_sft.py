@@ -164,3 +164,18 @@ def test_start_from_weights_continues_at_the_stream_position(reasoner_dir, tmp_p
         torch.testing.assert_close(later.model.state_dict()[name], tensor)
     later.train(max_steps=1)
     assert later.state.step == 4 and sorted(seen) == [6, 7]
+
+
+def test_a_run_resumed_with_a_larger_batch_goes_on_where_its_samples_end(reasoner_dir, tmp_path):
+    small = SFTConfig(batch_size=2, lr=1e-3, warmup_steps=1, total_steps=6, log_every=1,
+                      checkpoint_every=1000, eval_every=0)
+    first = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], small, tmp_path)
+    first.train(max_steps=3)
+    seen: list[int] = []
+    large = SFTConfig(**{**small.__dict__, "batch_size": 4})
+    resumed = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], lambda i: seen.append(i) or scene(i), [],
+                         large, tmp_path)
+    assert resumed.resume() and resumed.state.samples_seen == 6
+    resumed.train(max_steps=2)
+    assert sorted(seen) == list(range(6, 14))
+    assert resumed.state.step == 5 and resumed.state.samples_seen == 14

@@ -3,8 +3,9 @@
 A plain loop in the nanoGPT manner: a config dataclass, explicit tensors, explicit steps.
 
 - Data: a `SampleSource` maps a stream index to a sample (image, query, targets, trace); the
-  synthetic generator is deterministic per index, so the stream position is just a number and a
-  resumed run sees exactly the samples it would have seen.
+  synthetic generator is deterministic per index, so the stream position is just a number (the
+  samples seen) and a resumed run sees exactly the samples it would have seen, also when it is
+  resumed with another batch size (a GPU takes larger batches; the schedule counts steps).
 - Loss: next-token cross-entropy on the answer tokens only (the prompt and the image are context).
 - Optimiser: AdamW, linear warm-up, then cosine decay to `min_lr_ratio * lr`.
 - Checkpoints: `out_dir/checkpoint/` holds `reasoner/` (a complete Hugging Face folder that
@@ -363,7 +364,9 @@ class SFTTrainer:
         return self.checkpoint_dir
 
     def _batches(self, stop_step: int) -> Iterator[dict[str, torch.Tensor]]:
-        first = self.state.step * self.config.batch_size
+        # The stream goes on where the samples seen end, so a run resumed with another batch size
+        # neither repeats nor skips samples (with one batch size this is step * batch_size).
+        first = self.state.samples_seen
         count = (stop_step - self.state.step) * self.config.batch_size
         dataset = _IndexedSamples(self.source, self.batcher, first, count)
         loader = torch.utils.data.DataLoader(
