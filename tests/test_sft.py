@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -172,7 +172,7 @@ def test_a_run_resumed_with_a_larger_batch_goes_on_where_its_samples_end(reasone
     first = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], small, tmp_path)
     first.train(max_steps=3)
     seen: list[int] = []
-    large = SFTConfig(**{**small.__dict__, "batch_size": 4})
+    large = replace(small, batch_size=4)
     resumed = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], lambda i: seen.append(i) or scene(i), [],
                          large, tmp_path)
     assert resumed.resume() and resumed.state.samples_seen == 6
