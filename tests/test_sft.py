@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import shutil
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -119,6 +121,31 @@ def test_resume_continues_exactly(reasoner_dir, tmp_path):
     assert second.state.samples_seen == 12
     for name, tensor in straight.model.state_dict().items():
         torch.testing.assert_close(second.model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_stopped_between_checkpoints_resumes_with_one_log_row_per_step(reasoner_dir, tmp_path):
+    config = SFTConfig(batch_size=2, lr=1e-3, warmup_steps=1, total_steps=5, log_every=1,
+                       checkpoint_every=2, eval_every=0)
+    straight = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path / "a")
+    straight.train()
+    run = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path / "b")
+    run.train(max_steps=2)
+    shutil.copytree(run.checkpoint_dir, tmp_path / "step2")
+    run.train(max_steps=1)  # logs step 3; the checkpoint of step 3 is then lost, as if stopped before it
+    shutil.rmtree(run.checkpoint_dir)
+    shutil.copytree(tmp_path / "step2", run.checkpoint_dir)
+    resumed = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path / "b")
+    assert resumed.resume() and resumed.state.step == 2
+    resumed.train()
+    logged, expected = _log_rows(tmp_path / "b"), _log_rows(tmp_path / "a")
+    assert [row["step"] for row in logged] == [row["step"] for row in expected] == ["1", "2", "3", "4", "5"]
+    for row, reference in zip(logged, expected):
+        assert float(row["loss"]) == pytest.approx(float(reference["loss"]), rel=1e-4)
+
+
+def _log_rows(run_dir) -> list[dict[str, str]]:
+    with open(run_dir / "log.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def test_greedy_box_iou_scores_a_known_answer(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -115,6 +116,12 @@ def test_three_stages_resume_and_write_loadable_bundles(tmp_path):
         logged[0])
     state = json.loads((out / "stage1" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+    # A run stopped after logging step 2 but before its checkpoint: the resumed run trains step 2
+    # again and its log keeps one row per step.
+    shutil.rmtree(out / "stage1" / "checkpoints" / "checkpoint-2")
+    code, output = run("--config", str(config), "--stage", "1", "--max-steps", "2", "--out", str(out), "--resume")
+    assert code == 0, output
+    assert [row["step"] for row in rows(out / "stage1" / "metrics.jsonl") if "reward" in row] == [1, 2]
     # Resuming a run that has reached --max-steps only writes its bundle (no step 3).
     code, output = run("--config", str(config), "--stage", "1", "--max-steps", "2", "--out", str(out), "--resume")
     assert code == 0, output

@@ -5,7 +5,8 @@
 
     config.yaml      the resolved configuration
     metrics.jsonl    one JSON object per logged step (GRPO: reward per term, reward/group_std, KL when
-                     beta > 0, completion lengths, learning rate, ...; SFT: loss, lr, throughput)
+                     beta > 0, completion lengths, learning rate, ...; SFT: loss, lr, throughput);
+                     a resumed run first drops the rows logged after its checkpoint's step
     checkpoints/     GRPO: TRL checkpoints (LoRA adapter, or the whole model under full fine-tuning;
                      optimiser, scheduler, RNG, trainer state)
     checkpoint/      SFT: the SFT loop's checkpoint (full weights, optimiser, RNG, stream position)
@@ -47,6 +48,28 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 
 LogFn = Callable[[dict[str, Any]], None]
 ProgressFn = Callable[[int, int], None]
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per logged row, each with its "step", also passed to on_log."""
+
+    def __init__(self, path: Path, on_log: LogFn | None = None) -> None:
+        self.path, self.on_log = path, on_log
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.on_log is not None:
+            self.on_log(row)
+
+    def rewind(self, step: int) -> None:
+        """Drop the rows after `step`, the step a run resumes at: a run stopped between checkpoints
+        logged steps that the resumed run trains again."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -94,20 +117,13 @@ def train(
         raise InvalidInputError(f"{stage_dir} already holds a run: pass --resume to continue it, or another --out")
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    metrics = stage_dir / "metrics.jsonl"
-
-    def log(row: dict[str, Any]) -> None:
-        with open(metrics, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
-        if on_log is not None:
-            on_log(row)
-
+    metrics = MetricsLog(stage_dir / "metrics.jsonl", on_log)
     progress = on_progress or (lambda step, total: None)
     if config.stage == "sft":
-        step, bundle = _train_sft(config, out, stage_dir, max_steps, log, progress)
+        step, bundle = _train_sft(config, out, stage_dir, max_steps, metrics, progress)
     else:
-        step, bundle = _train_grpo(config, out, stage_dir, max_steps, resume, log, progress)
-    return RunResult(stage_dir=stage_dir, bundle=bundle, step=step, metrics=metrics)
+        step, bundle = _train_grpo(config, out, stage_dir, max_steps, resume, metrics, progress)
+    return RunResult(stage_dir=stage_dir, bundle=bundle, step=step, metrics=metrics.path)
 
 
 # --- sources ----------------------------------------------------------------------------------------
@@ -214,7 +230,7 @@ def _reasoner_section(base: ModelSource, config: TrainConfig, template: str) -> 
 
 # --- SFT --------------------------------------------------------------------------------------------
 
-def _train_sft(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int | None, log: LogFn,
+def _train_sft(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int | None, log: MetricsLog,
                progress: ProgressFn) -> tuple[int, Bundle]:
     from star_edge.reasoner.torch_backend import TorchReasoner
     from star_edge.train.demo import CurriculumSource
@@ -236,6 +252,7 @@ def _train_sft(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int |
             return items(index % count)  # the folder, cycled
     trainer = SFTTrainer(reasoner, base.reasoner_dir, source, [], sft_config, stage_dir)
     trainer.resume()
+    log.rewind(trainer.state.step)
     target = sft_config.total_steps if max_steps is None else min(max_steps, sft_config.total_steps)
 
     def on_row(row: dict[str, Any]) -> None:
@@ -253,7 +270,7 @@ def _train_sft(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int |
 # --- GRPO -------------------------------------------------------------------------------------------
 
 def _train_grpo(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int | None, resume: bool,
-                log: LogFn, progress: ProgressFn) -> tuple[int, Bundle]:
+                log: MetricsLog, progress: ProgressFn) -> tuple[int, Bundle]:
     from peft import PeftModel
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -324,6 +341,7 @@ def _train_grpo(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int 
     trained = _checkpoint_step(Path(last)) if last is not None else 0
     done = trained >= args.max_steps
     if not done:  # Trainer resumed at max_steps would still train one step more
+        log.rewind(trained)
         trainer.train(resume_from_checkpoint=last)
     adapter_dir, bundle_dir = stage_dir / "adapter", stage_dir / "bundle"
     accelerator = trainer.accelerator

@@ -11,7 +11,7 @@ A plain loop in the nanoGPT manner: a config dataclass, explicit tensors, explic
 - Checkpoints: `out_dir/checkpoint/` holds `reasoner/` (a complete Hugging Face folder that
   `TorchReasoner.from_dir` loads), the optimiser state, the RNG state and the trainer state, so
   `resume()` continues exactly; `out_dir/log.csv` logs loss, learning rate, throughput and
-  evaluations.
+  evaluations (a resumed run first drops the rows logged after its checkpoint's step).
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ IGNORE_INDEX = -100
 VISION_PREFIX = "model.visual."
 ANSWER_PREFIX = "<|im_start|>assistant\n"
 ANSWER_END = "<|im_end|>"
+#: The columns of `log.csv`: training rows fill step to elapsed_s, evaluation rows step, samples and
+#: the last three.
+LOG_FIELDS = ["step", "samples", "lr", "loss", "samples_per_s", "elapsed_s", "box_iou", "acc50", "parsed"]
 
 
 class GroundingSample(Protocol):
@@ -279,6 +282,7 @@ class SFTTrainer:
         self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
         torch.set_rng_state(torch.load(self.checkpoint_dir / "rng.pt", weights_only=True))
         self.state = TrainerState.read(state_file)
+        self._rewind_log()
         return True
 
     def start_from(self, weights_file: str | Path, state: TrainerState) -> None:
@@ -288,6 +292,7 @@ class SFTTrainer:
         weights = {name: tensor.float() for name, tensor in load_file(str(weights_file)).items()}
         self.model.load_state_dict(weights, strict=True)
         self.state = TrainerState(**asdict(state))
+        self._rewind_log()
 
     def train(self, max_steps: int | None = None, max_seconds: float | None = None,
               on_log: Callable[[dict], None] | None = None) -> TrainerState:
@@ -394,13 +399,25 @@ class SFTTrainer:
         self.optimizer.step()
         return float(loss.detach()), int((shift_labels != IGNORE_INDEX).sum())
 
+    def _rewind_log(self) -> None:
+        """Drop the log rows after `state.step`: a run stopped between checkpoints logged steps that
+        the resumed run trains again."""
+        path = self.out_dir / "log.csv"
+        if not path.is_file():
+            return
+        with open(path, newline="") as handle:
+            rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= self.state.step]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
     def _log(self, row: dict, on_log: Callable[[dict], None] | None) -> None:
         path = self.out_dir / "log.csv"
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        fields = ["step", "samples", "lr", "loss", "samples_per_s", "elapsed_s", "box_iou", "acc50", "parsed"]
         new = not path.exists()
         with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)
