@@ -53,6 +53,11 @@ def _reasoner(reasoner_dir) -> TorchReasoner:
     return TorchReasoner.from_dir(directory, section, dtype=torch.float32)
 
 
+def _trainer(reasoner_dir, config: SFTConfig, out_dir, source=scene) -> SFTTrainer:
+    """An SFT trainer of the tiny reasoner on `source` (default: the synthetic scenes), no eval samples."""
+    return SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], source, [], config, out_dir)
+
+
 @pytest.mark.parametrize("frame, input_size", [("grid1000", (256, 256)), ("pixels", (840, 840))])
 def test_formatted_answers_parse_back_to_the_targets(frame, input_size):
     boxes = np.array([[10, 20, 300, 200], [0, 0, 639, 479]])
@@ -110,11 +115,11 @@ def test_training_lowers_the_loss(reasoner_dir, tmp_path):
 def test_resume_continues_exactly(reasoner_dir, tmp_path):
     config = SFTConfig(batch_size=2, lr=1e-3, warmup_steps=1, total_steps=6, log_every=1,
                        checkpoint_every=1000, eval_every=0)
-    straight = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path / "a")
+    straight = _trainer(reasoner_dir, config, tmp_path / "a")
     straight.train()
-    first = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path / "b")
+    first = _trainer(reasoner_dir, config, tmp_path / "b")
     first.train(max_steps=3)
-    second = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path / "b")
+    second = _trainer(reasoner_dir, config, tmp_path / "b")
     assert second.resume() and second.state.step == 3
     second.train()
     assert second.state.step == straight.state.step == 6
@@ -126,15 +131,15 @@ def test_resume_continues_exactly(reasoner_dir, tmp_path):
 def test_a_run_stopped_between_checkpoints_resumes_with_one_log_row_per_step(reasoner_dir, tmp_path):
     config = SFTConfig(batch_size=2, lr=1e-3, warmup_steps=1, total_steps=5, log_every=1,
                        checkpoint_every=2, eval_every=0)
-    straight = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path / "a")
+    straight = _trainer(reasoner_dir, config, tmp_path / "a")
     straight.train()
-    run = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path / "b")
+    run = _trainer(reasoner_dir, config, tmp_path / "b")
     run.train(max_steps=2)
     shutil.copytree(run.checkpoint_dir, tmp_path / "step2")
     run.train(max_steps=1)  # logs step 3; the checkpoint of step 3 is then lost, as if stopped before it
     shutil.rmtree(run.checkpoint_dir)
     shutil.copytree(tmp_path / "step2", run.checkpoint_dir)
-    resumed = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path / "b")
+    resumed = _trainer(reasoner_dir, config, tmp_path / "b")
     assert resumed.resume() and resumed.state.step == 2
     resumed.train()
     logged, expected = _log_rows(tmp_path / "b"), _log_rows(tmp_path / "a")
@@ -167,7 +172,7 @@ def test_greedy_box_iou_scores_a_known_answer(tmp_path):
 def test_vision_tower_gets_its_own_learning_rate_and_decay(reasoner_dir, tmp_path):
     config = SFTConfig(batch_size=2, lr=1e-3, warmup_steps=1, total_steps=4, log_every=1,
                        checkpoint_every=1000, eval_every=0, vision_lr_scale=0.1, vision_weight_decay=0.1)
-    trainer = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path)
+    trainer = _trainer(reasoner_dir, config, tmp_path)
     language, vision = trainer.optimizer.param_groups
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     assert all(names[id(p)].startswith("model.visual.") for p in vision["params"])
@@ -181,11 +186,10 @@ def test_vision_tower_gets_its_own_learning_rate_and_decay(reasoner_dir, tmp_pat
 def test_start_from_weights_continues_at_the_stream_position(reasoner_dir, tmp_path):
     config = SFTConfig(batch_size=2, lr=1e-3, warmup_steps=1, total_steps=6, log_every=1,
                        checkpoint_every=1000, eval_every=0)
-    first = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], config, tmp_path / "a")
+    first = _trainer(reasoner_dir, config, tmp_path / "a")
     first.train(max_steps=3)
     seen: list[int] = []
-    later = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], lambda i: seen.append(i) or scene(i), [],
-                       config, tmp_path / "b")
+    later = _trainer(reasoner_dir, config, tmp_path / "b", lambda i: seen.append(i) or scene(i))
     later.start_from(tmp_path / "a" / "checkpoint" / "reasoner" / "model.safetensors", first.state)
     for name, tensor in first.model.state_dict().items():
         torch.testing.assert_close(later.model.state_dict()[name], tensor)
@@ -196,12 +200,11 @@ def test_start_from_weights_continues_at_the_stream_position(reasoner_dir, tmp_p
 def test_a_run_resumed_with_a_larger_batch_goes_on_where_its_samples_end(reasoner_dir, tmp_path):
     small = SFTConfig(batch_size=2, lr=1e-3, warmup_steps=1, total_steps=6, log_every=1,
                       checkpoint_every=1000, eval_every=0)
-    first = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], scene, [], small, tmp_path)
+    first = _trainer(reasoner_dir, small, tmp_path)
     first.train(max_steps=3)
     seen: list[int] = []
     large = replace(small, batch_size=4)
-    resumed = SFTTrainer(_reasoner(reasoner_dir), reasoner_dir[0], lambda i: seen.append(i) or scene(i), [],
-                         large, tmp_path)
+    resumed = _trainer(reasoner_dir, large, tmp_path, lambda i: seen.append(i) or scene(i))
     assert resumed.resume() and resumed.state.samples_seen == 6
     resumed.train(max_steps=2)
     assert sorted(seen) == list(range(6, 14))
