@@ -138,6 +138,17 @@ def test_resume_continues_exactly(reasoner_dir, tmp_path):
         assert float(row["loss"]) == pytest.approx(float(reference["loss"]), rel=1e-4)
 
 
+def test_a_run_stopped_before_its_first_checkpoint_starts_its_log_afresh(reasoner_dir, tmp_path):
+    config = SFTConfig(batch_size=2, lr=1e-3, warmup_steps=1, total_steps=2, log_every=1,
+                       checkpoint_every=1000, eval_every=0)
+    _trainer(reasoner_dir, config, tmp_path).train()
+    shutil.rmtree(tmp_path / "checkpoint")
+    again = _trainer(reasoner_dir, config, tmp_path)
+    assert not again.resume()
+    again.train()
+    assert [row["step"] for row in _log_rows(tmp_path)] == ["1", "2"]
+
+
 def _log_rows(run_dir) -> list[dict[str, str]]:
     with open(run_dir / "log.csv", newline="") as handle:
         return list(csv.DictReader(handle))

@@ -26,7 +26,6 @@ A plain loop in the nanoGPT manner, the same shape as `sft`:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import shutil
@@ -42,6 +41,7 @@ from safetensors.torch import load_file
 from star_edge.errors import InvalidInputError
 from star_edge.export.tiny_sam import make_tiny_sam, write_sam_dir
 from star_edge.sam.checkpoints import WEIGHTS_FILE, read_sam_config
+from star_edge.train import csv_log
 from star_edge.train.data.synthetic import split_seed
 from star_edge.train.sam_data import SamScene, ScenePrompts, model_inputs, scene_at, split_scenes
 from star_edge.train.sam_eval import evaluate, export_sam
@@ -178,7 +178,7 @@ class SamTrainer:
         self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
         torch.set_rng_state(torch.load(self.checkpoint_dir / "rng.pt", weights_only=True))
         self.state = TrainerState(**json.loads(state_file.read_text())["state"])
-        self._truncate_log()
+        csv_log.rewind(self.run_dir / "log.csv", LOG_FIELDS, self.state.step)
         return True
 
     def train(self, max_steps: int | None = None, max_seconds: float | None = None,
@@ -276,27 +276,8 @@ class SamTrainer:
                    "elapsed_s": round(self.state.elapsed_s, 1), "mask_iou": result.mask_iou,
                    "eval_scenes": result.scenes}, on_log)
 
-    def _truncate_log(self) -> None:
-        """Keep the header and the rows of log.csv up to the current step."""
-        path = self.run_dir / "log.csv"
-        if not path.is_file():
-            return
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
-            writer.writeheader()
-            writer.writerows(row for row in rows if int(row["step"]) <= self.state.step)
-
     def _log(self, row: dict[str, Any], on_log: Callable[[dict[str, Any]], None] | None) -> None:
-        path = self.run_dir / "log.csv"
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        csv_log.append_row(self.run_dir / "log.csv", LOG_FIELDS, row)
         if on_log is not None:
             on_log(row)
 

@@ -16,7 +16,6 @@ A plain loop in the nanoGPT manner: a config dataclass, explicit tensors, explic
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from safetensors.torch import load_file
 from star_edge.answer import parse
 from star_edge.reasoner.prompts import build_messages
 from star_edge.reasoner.torch_backend import TorchReasoner, quiet_transformers
+from star_edge.train import csv_log
 from star_edge.train.answer_text import format_answer
 
 logger = logging.getLogger(__name__)
@@ -273,17 +273,18 @@ class SFTTrainer:
         return self.out_dir / "checkpoint"
 
     def resume(self) -> bool:
-        """Load the checkpoint in `out_dir` if there is one (weights, optimiser, RNG, position)."""
+        """Load the checkpoint in `out_dir` if there is one (weights, optimiser, RNG, position);
+        either way the log keeps only the rows up to the step the run goes on from."""
         state_file = self.checkpoint_dir / "trainer_state.json"
-        if not state_file.is_file():
-            return False
-        saved = type(self.model).from_pretrained(self.checkpoint_dir / "reasoner", dtype=torch.float32)
-        self.model.load_state_dict(saved.state_dict())
-        self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
-        torch.set_rng_state(torch.load(self.checkpoint_dir / "rng.pt", weights_only=True))
-        self.state = TrainerState.read(state_file)
+        found = state_file.is_file()
+        if found:
+            saved = type(self.model).from_pretrained(self.checkpoint_dir / "reasoner", dtype=torch.float32)
+            self.model.load_state_dict(saved.state_dict())
+            self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
+            torch.set_rng_state(torch.load(self.checkpoint_dir / "rng.pt", weights_only=True))
+            self.state = TrainerState.read(state_file)
         self._rewind_log()
-        return True
+        return found
 
     def start_from(self, weights_file: str | Path, state: TrainerState) -> None:
         """Continue a run from its weights alone (a `model.safetensors`, float16 or float32) at its
@@ -400,26 +401,10 @@ class SFTTrainer:
         return float(loss.detach()), int((shift_labels != IGNORE_INDEX).sum())
 
     def _rewind_log(self) -> None:
-        """Drop the log rows after `state.step`: a run stopped between checkpoints logged steps that
-        the resumed run trains again."""
-        path = self.out_dir / "log.csv"
-        if not path.is_file():
-            return
-        with open(path, newline="") as handle:
-            rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= self.state.step]
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        """Drop the log rows after `state.step` (`csv_log.rewind`)."""
+        csv_log.rewind(self.out_dir / "log.csv", LOG_FIELDS, self.state.step)
 
     def _log(self, row: dict, on_log: Callable[[dict], None] | None) -> None:
-        path = self.out_dir / "log.csv"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        csv_log.append_row(self.out_dir / "log.csv", LOG_FIELDS, row)
         if on_log is not None:
             on_log(row)
