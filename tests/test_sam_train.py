@@ -113,6 +113,16 @@ def test_resume_continues_exactly(tmp_path):
     assert [row.split(",")[:2] for row in rows[1:]] == [["1", "2"], ["2", "4"], ["3", "6"], ["4", "8"]]
 
 
+def test_a_run_stopped_before_its_first_checkpoint_starts_its_log_afresh(tmp_path):
+    with pytest.raises(_Stopped):
+        SamTrainer(tmp_path, _config()).train(max_steps=4, on_log=_stop_after_step_3)
+    again = SamTrainer(tmp_path, _config())
+    assert not again.resume()
+    again.train(max_steps=2)
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]
+
+
 def test_evaluate_agrees_with_pycocotools_iou(tmp_path, scenes):
     trainer = SamTrainer(tmp_path, _config())
     trainer.step(scenes[:2])

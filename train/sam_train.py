@@ -167,19 +167,19 @@ class SamTrainer:
         return self.run_dir / "checkpoint"
 
     def resume(self) -> bool:
-        """Load `run_dir/checkpoint` if there is one (weights, optimiser, RNG, position); rows that
-        log.csv holds past the checkpoint's step (a run stopped between checkpoints) are dropped,
-        as the resumed run logs those steps again."""
+        """Load `run_dir/checkpoint` if there is one (weights, optimiser, RNG, position); either
+        way, rows that log.csv holds past the step the run goes on from (a run stopped between
+        checkpoints, or before its first) are dropped, as the run logs those steps again."""
         state_file = self.checkpoint_dir / "trainer_state.json"
-        if not state_file.is_file():
-            return False
-        self.sam_config = read_sam_config(self.checkpoint_dir / "sam")
-        self.sam.load_state_dict(load_file(str(self.checkpoint_dir / "sam" / WEIGHTS_FILE)))
-        self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
-        torch.set_rng_state(torch.load(self.checkpoint_dir / "rng.pt", weights_only=True))
-        self.state = TrainerState(**json.loads(state_file.read_text())["state"])
+        found = state_file.is_file()
+        if found:
+            self.sam_config = read_sam_config(self.checkpoint_dir / "sam")
+            self.sam.load_state_dict(load_file(str(self.checkpoint_dir / "sam" / WEIGHTS_FILE)))
+            self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
+            torch.set_rng_state(torch.load(self.checkpoint_dir / "rng.pt", weights_only=True))
+            self.state = TrainerState(**json.loads(state_file.read_text())["state"])
         csv_log.rewind(self.run_dir / "log.csv", LOG_FIELDS, self.state.step)
-        return True
+        return found
 
     def train(self, max_steps: int | None = None, max_seconds: float | None = None,
               on_log: Callable[[dict[str, Any]], None] | None = None) -> TrainerState:
