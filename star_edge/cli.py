@@ -175,6 +175,8 @@ def evaluate(
         if not counts or (limit is not None and limit < 1) or worst < 0:
             raise InvalidInputError("--samples and --limit must be positive, --worst >= 0")
         procs = processes(cpu=not device.startswith("cuda"))
+        if synthetic and split is None:
+            split = "test"
         dataset = open_dataset(data, split, synthetic, seed, count)
         if procs.count > 1 and device == "cuda":
             device = f"cuda:{procs.local_index}"
@@ -182,8 +184,12 @@ def evaluate(
         if procs.is_main and not segmenter.bundle.trained:
             errors.print(f"note: bundle '{segmenter.bundle.name}' is untrained (weights from config); "
                          "expect scores near 0.", highlight=False)
-        meta = {"data": f"synthetic seed {seed}, {count} samples" if synthetic else str(data),
-                "bundle": segmenter.bundle.name, "backend": segmenter.backend, "device": device}
+        if synthetic:  # the report names the split and seed: tools regenerate the samples from them
+            source = {"data": f"synthetic {split} split, seed {seed}, {count} samples",
+                      "synthetic": {"split": split, "seed": seed, "count": count}}
+        else:
+            source = {"data": str(data) if split is None else f"{data} ({split})"}
+        meta = {**source, "bundle": segmenter.bundle.name, "backend": segmenter.backend, "device": device}
         total = len(dataset) if limit is None else min(limit, len(dataset))
         with Progress(console=console, disable=not procs.is_main, transient=True) as bar:
             task = bar.add_task("evaluating", total=len(range(procs.index, total, procs.count)))

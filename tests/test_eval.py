@@ -235,3 +235,9 @@ def test_paired_differences_name_what_is_wrong():
         paired_differences(_report({(0, 1): 0.5, (1, 1): 0.2}), {"summary": {}})
     with pytest.raises(InvalidInputError, match="share no queries"):
         paired_differences(_report({(0, 1): 0.5, (1, 1): 0.2}), _report({(5, 1): 0.5, (6, 1): 0.2}))
+    val, test = _report({(0, 1): 0.5, (1, 1): 0.2}), _report({(0, 1): 0.4, (1, 1): 0.3})
+    for report, stream in ((val, 1), (test, 2)):
+        for record in report["samples"]:
+            record["image_id"] = f"synth-s{stream}-{record['index']:07d}"
+    with pytest.raises(InvalidInputError, match="different images at index 0"):
+        paired_differences(val, test)

@@ -39,30 +39,35 @@ class PairedDifference:
     """Standard error of that mean: sample standard deviation of the differences / sqrt(queries)."""
 
 
-def _ious(report: dict[str, Any], name: str) -> dict[tuple[int, int, int], float]:
-    """(image index, query index, N) -> IoU of each scored query of a report."""
+def _ious(report: dict[str, Any], name: str) -> dict[tuple[int, int, int], tuple[float, str | None]]:
+    """(image index, query index, N) -> (IoU, image id or None) of each scored query of a report."""
     try:
-        return {(int(s["index"]), int(s["query_index"]), int(s["n_samples"])): float(s["iou"])
+        return {(int(s["index"]), int(s["query_index"]), int(s["n_samples"])): (float(s["iou"]), s.get("image_id"))
                 for s in report["samples"]}
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise InvalidInputError(f"{name} is not a `star-edge eval --json` report: {error!r}") from None
 
 
 def paired_differences(before: dict[str, Any], after: dict[str, Any]) -> list[PairedDifference]:
     """One PairedDifference per N that both reports scored, ascending N.
 
-    Raises InvalidInputError if a report lacks per-query rows or the two share no query with at
-    least two of them per N.
+    Raises InvalidInputError if a report lacks per-query rows, the two name different images at
+    the same index (another split or seed) or share no query with at least two of them per N.
     """
     first, second = _ious(before, "the first report"), _ious(after, "the second report")
     shared = sorted(set(first) & set(second))
+    for key in shared:
+        ids = first[key][1], second[key][1]
+        if None not in ids and ids[0] != ids[1]:
+            raise InvalidInputError(f"the reports score different images at index {key[0]} ({ids[0]} vs {ids[1]}): "
+                                    "not the same data (split, seed)")
     results = []
     for samples in sorted({key[2] for key in shared}):
         keys = [key for key in shared if key[2] == samples]
         if len(keys) < 2:
             continue
-        a = np.array([first[key] for key in keys])
-        b = np.array([second[key] for key in keys])
+        a = np.array([first[key][0] for key in keys])
+        b = np.array([second[key][0] for key in keys])
         diff = b - a
         results.append(PairedDifference(samples=samples, queries=len(keys), before=float(a.mean()),
                                         after=float(b.mean()), difference=float(diff.mean()),

@@ -3,7 +3,8 @@
 Report (JSON):
 
     {"meta": {"data", "bundle", "backend", "device", "samples": [N, ...], "limit", "images",
-              "processes", "star_edge"},
+              "processes", "star_edge"; the synthetic data also "synthetic": {"split", "seed",
+              "count"}},
      "samples": [{"index", "query_index", "image_id", "query", "reasoning_type", "depth",
                   "is_sentence", "n_samples", "n_valid", "n_objects", "labels", "intersection",
                   "union", "iou", "target_area", "pred_area", "pred_mask" (COCO RLE),
