@@ -24,6 +24,10 @@ MAX_PIXELS = 64_000_000
 MIN_SIDE = 2
 """Smallest accepted width and height in pixels."""
 
+MAX_ASPECT_RATIO = 200
+"""Largest accepted long side / short side (Qwen-VL's image processors refuse more; SAM would
+shrink the short side to nothing)."""
+
 MAX_QUERY_CHARS = 2000
 """Longest accepted query, in characters after stripping surrounding whitespace."""
 
@@ -77,8 +81,8 @@ def validate_query(query: object, max_chars: int = MAX_QUERY_CHARS) -> str:
     except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a bad decode upstream
         raise InvalidInputError(f"query is not valid Unicode text: {exc.reason} at {exc.start}") from None
     stripped = query.strip()
-    if not stripped:
-        raise InvalidInputError("query is empty")
+    if not any(char.isprintable() and not char.isspace() for char in stripped):  # zero-width spaces too
+        raise InvalidInputError("query is empty" if not stripped else "query has no visible characters")
     if len(stripped) > max_chars:
         raise InvalidInputError(f"query is {len(stripped)} characters long; the limit is {max_chars}")
     return stripped
@@ -88,6 +92,7 @@ def _from_path(path: Path, max_pixels: int) -> np.ndarray:
     _check_file(path)
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # corrupt EXIF: PIL warns and reads on
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path, formats=_registered(READABLE_FORMATS)) as opened:
                 _check_size(opened.size, max_pixels, str(path))
@@ -125,18 +130,23 @@ def _registered(formats: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(name for name in formats if name in Image.OPEN)
 
 
-def _check_size(size: tuple[int, int], max_pixels: int, what: str) -> None:
+def _check_size(size: tuple[int, int], max_pixels: int | None, what: str) -> None:
     width, height = size
     if width < MIN_SIDE or height < MIN_SIDE:
         raise InvalidInputError(f"{what} is {width}x{height}; both sides must be >= {MIN_SIDE} pixels")
-    if width * height > max_pixels:
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise InvalidInputError(f"{what} is {width}x{height}; the long side may be at most {MAX_ASPECT_RATIO} "
+                                "times the short side")
+    if max_pixels is not None and width * height > max_pixels:
         raise InvalidInputError(
             f"{what} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
 
 
 def _from_pil(image: Image.Image) -> np.ndarray:
-    image = ImageOps.exif_transpose(image)
+    with warnings.catch_warnings():  # corrupt EXIF: PIL warns and keeps the stored orientation
+        warnings.simplefilter("ignore", UserWarning)
+        image = ImageOps.exif_transpose(image)
     if image.mode in _SIXTEEN_BIT_MODES:
         return _from_array(np.asarray(image), max_pixels=None)
     if image.mode == "F":
@@ -158,18 +168,18 @@ def _from_array(array: np.ndarray, max_pixels: int | None) -> np.ndarray:
             f"image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {array.shape}"
         )
     height, width = array.shape[:2]
-    if max_pixels is not None:
-        _check_size((width, height), max_pixels, "image array")
-    elif height < MIN_SIDE or width < MIN_SIDE:
-        raise InvalidInputError(f"image is {width}x{height}; both sides must be >= {MIN_SIDE} pixels")
+    _check_size((width, height), max_pixels, "image array" if max_pixels is not None else "image")
     rgb = array[:, :, :3]
     if not rgb.dtype.isnative:  # big-endian 16-bit samples (PIL mode 'I;16B', TIFF files)
         rgb = rgb.astype(rgb.dtype.newbyteorder("="))
     if rgb.dtype == np.uint8:
         return np.ascontiguousarray(rgb)
-    if rgb.dtype in (np.uint16, np.int32):  # int32: PIL's 'I' mode for 16-bit files
+    if rgb.dtype in (np.uint16, np.int32):  # int32: PIL's 'I' mode (32-bit TIFF, Image.convert("I"))
         if rgb.min() < 0 or rgb.max() > 65535:
             raise InvalidInputError("16-bit image values must lie in [0, 65535]")
+        if rgb.dtype == np.int32 and rgb.max() <= 255:  # read as 16-bit it would be all but black
+            raise InvalidInputError("32-bit integer image (PIL mode 'I' or int32) with values 0-255: its bit depth "
+                                    "is ambiguous; convert it to uint8 (PIL mode 'L' or 'RGB') or uint16 first")
         return np.ascontiguousarray((rgb.astype(np.uint32) >> 8).astype(np.uint8))
     raise InvalidInputError(
         f"image array must be uint8 (or uint16), got {array.dtype}; "

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from star_edge.errors import InvalidInputError
-from star_edge.images import load_image, validate_query
+from star_edge.images import MAX_ASPECT_RATIO, load_image, validate_query
 
 
 @pytest.fixture()
@@ -69,6 +70,35 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     np.testing.assert_array_equal(out[:, :, 0], (values >> 8).astype(np.uint8))
 
 
+def test_32_bit_integer_images_load_as_16_bit_unless_their_depth_is_ambiguous(tmp_path):
+    values = np.linspace(0, 65535, 64 * 8).astype(np.int32).reshape(8, 64)
+    path = _saved(tmp_path, Image.fromarray(values), "i32.tif")
+    assert Image.open(path).mode == "I"
+    np.testing.assert_array_equal(load_image(path)[:, :, 0], (values >> 8).astype(np.uint8))
+    eight_bit = Image.fromarray(np.full((8, 8), 200, np.uint8)).convert("I")
+    for ambiguous in (eight_bit, np.asarray(eight_bit)):
+        with pytest.raises(InvalidInputError, match="ambiguous; convert it to uint8"):
+            load_image(ambiguous)
+
+
+def test_corrupt_exif_loads_without_warnings(tmp_path, rgb):
+    path = _saved(tmp_path, Image.fromarray(rgb), "bad_exif.jpg",
+                  exif=b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\xff\xff\x01\x12")
+    with pytest.warns(UserWarning, match="Corrupt EXIF"):
+        expected = np.asarray(Image.open(path).convert("RGB"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(load_image(path), expected)
+
+
+def test_aspect_ratio_beyond_the_limit_is_refused(tmp_path):
+    assert load_image(np.zeros((2, 2 * MAX_ASPECT_RATIO, 3), np.uint8)).shape == (2, 400, 3)
+    too_long = Image.new("RGB", (2 * MAX_ASPECT_RATIO + 1, 2))
+    for bad in (np.asarray(too_long), too_long, _saved(tmp_path, too_long, "strip.png")):
+        with pytest.raises(InvalidInputError, match="401x2; the long side may be at most 200 times"):
+            load_image(bad)
+
+
 def test_exif_orientation_is_applied(tmp_path, rgb):
     image = Image.fromarray(rgb)
     exif = Image.Exif()
@@ -123,7 +153,8 @@ def test_oversized_image_is_refused_before_decoding(tmp_path):
 
 def test_query_validation():
     assert validate_query("  the red cup \n") == "the red cup"
+    assert validate_query("the red\u200bcup") == "the red\u200bcup"
     for bad, message in [("", "empty"), ("   ", "empty"), ("a\x00b", "NUL"), ("x" * 2001, "limit"),
-                         (None, "string"), (b"cup", "string")]:
+                         (None, "string"), (b"cup", "string"), ("\u200b", "no visible characters")]:
         with pytest.raises(InvalidInputError, match=message):
             validate_query(bad)
