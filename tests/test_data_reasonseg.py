@@ -5,6 +5,8 @@ mask-to-polygon tracer that the synthetic writer relies on."""
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -145,6 +147,8 @@ def test_polygons_with_fewer_than_three_points_are_skipped_with_a_warning(tmp_pa
     (json.dumps({"text": ["q"], "shapes": {}}), "'shapes' must be a list"),
     (json.dumps({"text": ["q"], "shapes": [{"label": "target", "points": [[1, "a"], [2, 2], [3, 1]]}]}),
      "shape 0 'points'"),
+    (json.dumps({"text": ["q"], "shapes": [{"label": "target", "points": [[1, 1e300], [2, 2], [3, 1]]}]}),
+     "shape 0 'points' must be a list of \\[x, y\\] numbers within"),
     (json.dumps({"text": ["q"], "shapes": [{"points": [[1, 1]]}]}), "shape 0 must be an object"),
     (json.dumps({"text": ["q"], "shapes": [], "depth": "two"}), "'depth' must be an integer"),
 ])
@@ -165,6 +169,23 @@ def test_missing_images_and_folders_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no ReasonSeg JSON files"):
         ReasonSegFolder(tmp_path / "empty")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height (8-bit grey) and holds no pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(
+        b"IEND", b"")
+
+
+@pytest.mark.parametrize("side, message", [(10_000, "100000000 pixels; the limit is 64000000"),
+                                           (60_000, "not a readable image")])
+def test_images_too_large_to_decode_are_refused_from_their_header(tmp_path, side, message):
+    (tmp_path / "huge.png").write_bytes(_png_header(side, side))
+    (tmp_path / "huge.json").write_text(json.dumps({"text": ["q"], "shapes": []}))
+    with pytest.raises(DataError, match=message):
+        read_sample(tmp_path / "huge.json")
 
 
 def test_masks_take_the_exif_orientation_of_the_image(tmp_path):

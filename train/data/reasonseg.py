@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from star_edge.images import MAX_PIXELS
 from star_edge.train.data.polygons import IGNORE, TARGET, paint_polygons
 from star_edge.train.data.sample import DataError, SegSample
 
@@ -120,12 +121,18 @@ def write_sample(
 
 def _displayed_size(image_path: Path) -> tuple[int, int]:
     """(W, H) of the image as shown, i.e. after its EXIF orientation (as labelme, LISA's cv2 and
-    `star_edge.images.load_image` see it), read from the header only."""
+    `star_edge.images.load_image` see it). An image over MAX_PIXELS is refused from its header,
+    before its EXIF is read (a PNG decodes to find it) or a mask is painted at that size."""
     try:
-        with Image.open(image_path) as opened:
-            width, height = opened.size
-            orientation = opened.getexif().get(_EXIF_ORIENTATION, 1)
-    except (OSError, SyntaxError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is ours, below
+            with Image.open(image_path) as opened:
+                width, height = opened.size
+                if width * height > MAX_PIXELS:
+                    raise DataError(f"{image_path}: image is {width}x{height} = {width * height} pixels; "
+                                    f"the limit is {MAX_PIXELS}")
+                orientation = opened.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{image_path}: not a readable image ({exc})") from None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
@@ -177,7 +184,8 @@ def _polygons(record: dict[str, Any], path: Path) -> tuple[list[np.ndarray], lis
             continue
         points = _points(shape.get("points"))
         if points is None:
-            raise DataError(f"{path}: shape {index} 'points' must be a list of [x, y] numbers")
+            raise DataError(f"{path}: shape {index} 'points' must be a list of [x, y] numbers within "
+                            f"+-{_LARGEST_COORDINATE:g}")
         if len(points) < 3:
             warnings.warn(f"{path}: shape {index} has {len(points)} point(s), fewer than 3; skipped",
                           stacklevel=3)
@@ -187,15 +195,21 @@ def _polygons(record: dict[str, Any], path: Path) -> tuple[list[np.ndarray], lis
     return polygons, values
 
 
+_LARGEST_COORDINATE = 1e6
+"""Polygon coordinates beyond this (pixels) are refused: no image is that large, and they would
+overflow when rasterised."""
+
+
 def _points(raw: Any) -> np.ndarray | None:
-    """Shape points as (k, 2) float64 (k may be 0), or None when they are not [x, y] numbers."""
+    """Shape points as (k, 2) float64 (k may be 0), or None when they are not [x, y] numbers of at
+    most _LARGEST_COORDINATE in size."""
     if isinstance(raw, list) and not raw:
         return np.empty((0, 2), dtype=np.float64)
     try:
         points = np.asarray(raw, dtype=np.float64)
     except (TypeError, ValueError):
         return None
-    if points.ndim != 2 or points.shape[1] != 2 or not np.isfinite(points).all():
+    if points.ndim != 2 or points.shape[1] != 2 or not (np.abs(points) <= _LARGEST_COORDINATE).all():
         return None
     return points
 
