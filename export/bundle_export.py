@@ -81,6 +81,21 @@ def _export_onnx(bundle: Bundle, variants: tuple[str, ...], say: Callable[[str],
     export_reasoner_onnx(bundle.reasoner_dir, bundle.manifest["reasoner"], folder, variants=variants, progress=say)
 
 
+def check_out_folder(out: str | Path) -> Path:
+    """`out` as a Path, if it is a folder or can become one.
+
+    Raises:
+        InvalidInputError: `out`, or a folder on its way, is an existing file.
+    """
+    out = Path(out)
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise InvalidInputError(f"cannot write the bundle folder {out}: {folder} is a file")
+            break
+    return out
+
+
 def export_bundle(
     source: str | Path,
     out: str | Path,
@@ -112,15 +127,15 @@ def export_bundle(
         BundleError: a broken source bundle; an export that fails its checks.
         BackendUnavailableError: tensorrt=True without TensorRT 10, torch or a CUDA device (raised
             before anything is written).
-        InvalidInputError: an unknown engine precision.
+        InvalidInputError: an unknown engine precision; `out` is (or lies under) a file.
     """
     say = progress or (lambda line: None)
     if tensorrt and engine_precision not in PRECISIONS:
         raise InvalidInputError(f"engine precision must be one of {PRECISIONS}, got {engine_precision!r}")
     platform = detect_platform("cuda") if tensorrt else None
     onnx = onnx or tensorrt
+    out = check_out_folder(out)
     bundle = load_bundle(source)
-    out = Path(out)
     if out.resolve() != bundle.root.resolve():
         _copy_listed_files(bundle, out, say)
     manifest = bundle.manifest

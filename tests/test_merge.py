@@ -168,3 +168,10 @@ def test_export_defaults_and_errors(checkpoints, sam_folder, tmp_path, monkeypat
         write_merged_bundle(base, adapter, tmp_path / "pth", checkpoint)
     result = CliRunner().invoke(app, ["export", "--out", str(tmp_path / "x"), "--base", str(base)])
     assert result.exit_code == 2 and "--base, --adapter and --sam go together" in result.stderr
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for out in (a_file, a_file / "sub"):
+        for source in (["--base", str(base), "--adapter", str(adapter), "--sam", str(sam_folder)], []):
+            result = CliRunner().invoke(app, ["export", "--out", str(out), *source])
+            assert result.exit_code == 2, result.output
+            assert f"cannot write the bundle folder {out}: {a_file} is a file" in result.stderr
