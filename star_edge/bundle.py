@@ -111,7 +111,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     Raises:
         BundleError: naming the file and what was expected, for a missing or unreadable manifest,
             an unknown format version, a malformed field, a path leaving the bundle, a pickle
-            file, or a listed file that is missing, truncated or altered.
+            file, a listed file that is missing, truncated or altered, or a sam section that
+            disagrees with the SAM config.
     """
     root = Path(path)
     if root.name == MANIFEST_NAME and root.is_file():
@@ -123,7 +124,24 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     _refuse_pickle_files(bundle)
     if verify:
         verify_files(bundle)
+    _check_sam_section(bundle)
     return bundle
+
+
+def _check_sam_section(bundle: Bundle) -> None:
+    """The manifest's sam kind, variant and image_size must be those of the sam/config.json it points
+    to, when there is one (an ONNX-only bundle may have none; a broken one is its loader's to name)."""
+    config_file = bundle.root / bundle.sam.path / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return
+    if not isinstance(config, dict):
+        return
+    for key in ("kind", "variant", "image_size"):
+        if key in config and config[key] != getattr(bundle.sam, key):
+            raise BundleError(f"{bundle.root / MANIFEST_NAME}: sam.{key} is {getattr(bundle.sam, key)!r} but "
+                              f"{config_file} has {config[key]!r}")
 
 
 def verify_files(bundle: Bundle) -> None:
@@ -238,13 +256,16 @@ def _parse_manifest(root: Path, manifest: dict[str, Any]) -> Bundle:
         image_size=_positive_int(sam, "image_size", where),
     )
     files = _parse_files(manifest.get("files"), where)
+    trained = manifest.get("trained", False)
+    if not isinstance(trained, bool):
+        raise BundleError(f"{where}: 'trained' must be true or false, got {trained!r}")
     backends = manifest.get("backends", ["torch"])
     if not isinstance(backends, list) or not all(b in BACKENDS for b in backends):
         raise BundleError(f"{where}: 'backends' must be a list drawn from {BACKENDS}, got {backends!r}")
     return Bundle(
         root=root,
         name=str(manifest.get("name", root.name)),
-        trained=bool(manifest.get("trained", False)),
+        trained=trained,
         reasoner=reasoner_spec,
         sam=sam_spec,
         files=files,

@@ -135,9 +135,10 @@ class Segmenter:
     def _load_onnx(cls, bundle: Bundle, device: str, vote_config: VoteConfig | None) -> "Segmenter":
         """The bundle's onnx/ graphs on onnxruntime (fp32 decoders); torch is never imported."""
         from star_edge.reasoner.onnx_backend import OnnxReasoner
-        from star_edge.sam.onnx_backend import OnnxMaskDecoder
+        from star_edge.sam.onnx_backend import OnnxMaskDecoder, check_export_of
 
         onnx_dir = bundle.root / "onnx"
+        check_export_of(onnx_dir, _declared_sam(bundle))
         reasoner = OnnxReasoner.from_dir(onnx_dir, bundle.reasoner_dir, bundle.manifest["reasoner"], device=device)
         return cls(bundle, reasoner, OnnxMaskDecoder.from_dir(onnx_dir, device=device), vote_config, "onnx")
 
@@ -146,6 +147,7 @@ class Segmenter:
         """The bundle's engines for this GPU and TensorRT version (raises BackendUnavailableError,
         naming what is missing, without TensorRT 10, torch with CUDA, or such engines)."""
         from star_edge.reasoner.tensorrt_backend import tensorrt_reasoner
+        from star_edge.sam.onnx_backend import check_export_of
         from star_edge.sam.tensorrt_backend import tensorrt_mask_decoder
         from star_edge.tensorrt_runtime import detect_platform, engine_opener, select_engines
 
@@ -153,6 +155,7 @@ class Segmenter:
         engines = select_engines(bundle, platform)
         open_engine = engine_opener(bundle, engines, platform)
         onnx_dir = bundle.root / "onnx"
+        check_export_of(onnx_dir, _declared_sam(bundle))
         reasoner = tensorrt_reasoner(onnx_dir, bundle.reasoner_dir, bundle.manifest["reasoner"], open_engine)
         mask_decoder = tensorrt_mask_decoder(onnx_dir, open_engine, engines.max_prompts)
         return cls(bundle, reasoner, mask_decoder, vote_config, "tensorrt")
@@ -496,6 +499,11 @@ def _check_device_name(device: object) -> None:
     name, _, index = device.partition(":")
     if name not in ("cpu", "cuda") or (index and not index.isdigit()) or (name == "cpu" and index):
         raise InvalidInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _declared_sam(bundle: Bundle) -> dict[str, Any]:
+    """The SAM the manifest declares: {"kind", "variant", "image_size"}."""
+    return {"kind": bundle.sam.kind, "variant": bundle.sam.variant, "image_size": bundle.sam.image_size}
 
 
 def _check_torch_device(device: str) -> None:

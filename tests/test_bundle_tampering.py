@@ -162,6 +162,10 @@ CASES = {
     "sam.path ../": (_edit_manifest(lambda m: m["sam"].update(path="sam/../../sam")), "leaves the bundle folder"),
     "file linked outside": (_link_out("sam/config.json"), r"sam/config\.json: a symbolic link to .*outside"),
     "folder linked outside": (_link_out("reasoner"), "reasoner/.*: a symbolic link to .*outside"),
+    "trained as a string": (_edit_manifest(lambda m: m.update(trained="false")), "'trained' must be true or false"),
+    **{f"sam.{key} disagrees with sam/config.json": (_edit_manifest(lambda m, k=key, v=value: m["sam"].update({k: v})),
+                                                      f"sam.{key} is {value!r} but .*config.json has")
+       for key, value in (("kind", "sam2"), ("variant", "vit_h"), ("image_size", 512))},
     # format versions this reader does not know
     **{f"format_version {version!r}": (_edit_manifest(lambda m, v=version: m.update(format_version=v)),
                                        "is not supported by this star-edge")

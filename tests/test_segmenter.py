@@ -13,7 +13,7 @@ from pycocotools import mask as coco_mask
 
 from star_edge.answer import parse
 from star_edge.bundle import load_bundle
-from star_edge.errors import BackendUnavailableError, InvalidInputError
+from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
 from star_edge.export.tiny import make_tiny_bundle
 from star_edge.segmenter import Segmenter, decode_distinct
 from star_edge.vote import majority_vote
@@ -280,6 +280,13 @@ def test_auto_backend_prefers_onnx_on_the_cpu_and_falls_back_to_what_is_there(bu
     assert torch_only.backends == ("torch",) and Segmenter.from_pretrained(bundle_path).backend == "torch"
     both = export_bundle(bundle_path, tmp_path / "both", onnx=True)
     assert Segmenter.from_pretrained(both.root).backend == "onnx"
+    from star_edge.sam.onnx_backend import check_export_of
+
+    declared = {"kind": both.sam.kind, "variant": both.sam.variant, "image_size": both.sam.image_size}
+    check_export_of(both.root / "onnx", declared)
+    wrong = declared["image_size"] * 2
+    with pytest.raises(BundleError, match=rf"sam_onnx\.json was exported for .*, the manifest declares .*: {wrong}"):
+        check_export_of(both.root / "onnx", {**declared, "image_size": wrong})
     assert _automatic_backend(both, "cuda") == "torch" and _automatic_backend(both, "cuda:1") == "torch"
     find_spec = importlib.util.find_spec
     missing = {"onnxruntime"}

@@ -73,6 +73,20 @@ def read_description(onnx_dir: str | Path) -> dict[str, Any]:
                                  ("sam", "encoder", "decoders"), "the SAM ONNX description")
 
 
+def check_export_of(onnx_dir: str | Path, declared: dict[str, Any]) -> None:
+    """The export in `onnx_dir` must be of the SAM a manifest declares: `declared` holds its kind,
+    variant and image_size.
+
+    Raises:
+        BundleError: naming the description file and both sides.
+    """
+    exported = read_description(onnx_dir)["sam"]
+    found = {key: exported.get(key) if isinstance(exported, dict) else None for key in declared}
+    if found != declared:
+        raise BundleError(f"{Path(onnx_dir) / DESCRIPTION_FILE} was exported for {found}, the manifest declares "
+                          f"{declared}: export the bundle again")
+
+
 #: Opens the graph file at a path, given its description (reasoner_onnx.json / sam_onnx.json
 #: entry), as a session: `run(output_names, feeds) -> list[np.ndarray]`, `get_inputs()` and
 #: `get_outputs()` (objects with `.name`), as onnxruntime's InferenceSession.
