@@ -55,6 +55,8 @@ _REPAIRS = (
     # "...}}]" or "...}}, {": one closing brace too many after an object.
     (re.compile(r"\}\s*\}(?=\s*[\],])"), "}"),
 )
+_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+"""A JSON string literal (escapes included): the repairs leave these as they are."""
 
 
 class ParseError(StarEdgeError):
@@ -196,15 +198,28 @@ def _load_json(content: str) -> tuple[object, bool]:
         return json.loads(content), False
     except (ValueError, RecursionError):
         pass
-    repaired = content
-    for pattern, replacement in _REPAIRS:
-        repaired = pattern.sub(replacement, repaired)
     try:
-        return json.loads(repaired), True
+        return json.loads(_repaired(content)), True
     except (ValueError, RecursionError) as error:
         raise ParseError(
             f"answer is not valid JSON, even after repair: {error}", "invalid_json"
         ) from None
+
+
+def _repaired(content: str) -> str:
+    """The content with _REPAIRS applied to the text between its string literals (a label such as
+    "size 2}" stays as written)."""
+    pieces, start = [], 0
+    for literal in [*_STRING_RE.finditer(content), None]:
+        end = len(content) if literal is None else literal.start()
+        code = content[start:end]
+        for pattern, replacement in _REPAIRS:
+            code = pattern.sub(replacement, code)
+        pieces.append(code)
+        if literal is not None:
+            pieces.append(literal.group())
+            start = literal.end()
+    return "".join(pieces)
 
 
 def _object_list(data: object) -> list[dict]:

@@ -207,6 +207,10 @@ def test_exactly_max_objects_is_allowed() -> None:
          '{"bbox_2d": [42, 84, 420, 839], "point_2d": [100, 200 } } ]', ["", ""]),
         ('[{"bbox_2d": [42, 84, 420, 839], "point_2d": [100, 200], "label": "a"}},'
          '{"bbox_2d": [42, 84, 420, 839], "point_2d": [100, 200], "label": "b"}}]', ["a", "b"]),
+        # a repair elsewhere leaves labels that look like malformed endings as they are
+        ('[{"bbox_2d": [42, 84, 420, 839], "point_2d": [100, 200], "label": "size 2}"}},'
+         '{"bbox_2d": [42, 84, 420, 839], "point_2d": [100, 200], "label": "say \\"3}}]\\""}}]',
+         ["size 2}", 'say "3}}]"']),
     ],
 )
 def test_reference_repairs(answer: str, labels: list[str]) -> None:
