@@ -102,36 +102,34 @@ def scene_source(report: dict[str, Any]) -> Callable[[int], SyntheticSample]:
 def breakdown(report: dict[str, Any]) -> list[Share]:
     """Outcome shares, then grounding shares, per N (ascending) of a synthetic report.
 
-    Raises InvalidInputError if the report is not synthetic or its image ids are not those of the
-    regenerated scenes (another generator version).
+    Scenes are regenerated one image index at a time (each serves every N scored on it).
+
+    Raises InvalidInputError if the report is not synthetic, lacks a record field, or its image ids
+    are not those of the regenerated scenes (another generator version).
     """
     scenes = scene_source(report)
+    classified: list[tuple[dict[str, Any], str, str | None]] = []  # (record, outcome, grounding)
     try:
-        records = [dict(r) for r in report["samples"]]
-        by_n: dict[int, list[dict[str, Any]]] = {}
-        for record in records:
-            by_n.setdefault(int(record["n_samples"]), []).append(record)
+        by_index: dict[int, list[dict[str, Any]]] = {}
+        for record in report["samples"]:
+            by_index.setdefault(int(record["index"]), []).append(record)
+        for index, records in sorted(by_index.items()):
+            scene = scenes(index)
+            for record in records:
+                if record["image_id"] != scene.image_id:
+                    raise InvalidInputError(f"record {index} scored {record['image_id']}, the generator gives "
+                                            f"{scene.image_id}: not the scenes this report scored")
+                classified.append((record, outcome(record), grounding(record, scene)))
     except (KeyError, TypeError, ValueError) as error:
         raise InvalidInputError(f"not a `star-edge eval --json` report: {error!r}") from None
-    cache: dict[int, SyntheticSample] = {}
     rows: list[Share] = []
-    for n in sorted(by_n):
-        group = by_n[n]
-        outcomes = [outcome(r) for r in group]
-        groundings = []
-        for record in group:
-            index = int(record["index"])
-            if index not in cache:
-                cache[index] = scenes(index)
-            if cache[index].image_id != record["image_id"]:
-                raise InvalidInputError(f"record {index} scored {record['image_id']}, the generator gives "
-                                        f"{cache[index].image_id}: not the scenes this report scored")
-            groundings.append(grounding(record, cache[index]))
-        answered = sum(g is not None for g in groundings)
-        for names, labels, total in ((OUTCOMES, outcomes, len(group)), (GROUNDINGS, groundings, answered)):
+    for n in sorted({int(record["n_samples"]) for record, _, _ in classified}):
+        of_n = [item for item in classified if int(item[0]["n_samples"]) == n]
+        answered = sum(item[2] is not None for item in of_n)
+        for names, position, total in ((OUTCOMES, 1, len(of_n)), (GROUNDINGS, 2, answered)):
             for name in names:
-                members = [r for r, label in zip(group, labels) if label == name]
-                lost = sum(1.0 - float(r["iou"]) for r in members) / len(group)
+                members = [item[0] for item in of_n if item[position] == name]
+                lost = sum(1.0 - float(r["iou"]) for r in members) / len(of_n)
                 rows.append(Share(samples=n, category=name, queries=len(members),
                                   share=len(members) / total if total else 0.0, giou_lost=lost))
     return rows
