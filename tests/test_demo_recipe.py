@@ -164,21 +164,40 @@ def test_run_sft_until_step_stops_there_across_reruns(tmp_path):
 def test_demo_eval_reports_every_phase_and_the_end_to_end_score(tmp_path):
     from star_edge.train.demo_eval import main
 
-    main(["--val", "3", "--scenes", "2", "--samples", "2", "--json", str(tmp_path / "card.json")])
+    main(["--val", "3", "--dense", "2", "--scenes", "2", "--samples", "2", "--json", str(tmp_path / "card.json")])
     report = json.loads((tmp_path / "card.json").read_text())
     assert sorted(report["box_iou"]) == ["phase 1", "phase 2", "phase 3"]
+    assert report["dense_naming"]["objects"] >= 4 and 0.0 <= report["dense_naming"]["named"] <= 1.0
     assert report["box_iou"]["phase 1"]["parsed"] == 1.0  # the trained model answers named targets
     assert all(0.0 <= scores["box_iou"] <= 1.0 for scores in report["box_iou"].values())
     end_to_end = report["end_to_end"]
     assert end_to_end["backend"] == "onnx" and end_to_end["scenes"] == 2 and 0.0 <= end_to_end["mean_mask_iou"] <= 1.0
 
 
+def test_naming_counts_found_objects_and_right_labels_of_a_scripted_answer(tmp_path):
+    from dataclasses import replace
+
+    from star_edge.export.tiny_reasoner import write_tiny_reasoner
+    from star_edge.train.answer_text import format_answer
+    from star_edge.train.demo_eval import greedy_naming
+
+    config = replace(demo_curriculum()[-1].config, stage="dense")
+    scene = next(s for s in (sample(7, i, config) for i in range(50)) if len(s.labels) >= 3)
+    kept = len(scene.labels) - 1  # the last object is left out, the second is misnamed
+    labels = [scene.labels[0], "zebra", *scene.labels[2:kept]]
+    answer = format_answer(scene.boxes[:kept], scene.points[:kept], labels, (256, 256), "grid1000", (256, 256))
+    section = write_tiny_reasoner(tmp_path / "r", seed=0, family="qwen3_vl", scripted_answers=[answer])
+    scores = greedy_naming(TorchReasoner.from_dir(tmp_path / "r", section), [scene])
+    assert scores == {"objects": len(scene.labels), "found": kept / len(scene.labels),
+                      "named": (kept - 1) / kept, "precision": 1.0}
+
+
 def test_demo_eval_skips_a_part_asked_for_zero_times(tmp_path, capsys):
     from star_edge.train.demo_eval import main
 
-    main(["--val", "0", "--scenes", "1", "--samples", "1", "--json", str(tmp_path / "card.json")])
+    main(["--val", "0", "--dense", "0", "--scenes", "1", "--samples", "1", "--json", str(tmp_path / "card.json")])
     report = json.loads((tmp_path / "card.json").read_text())
-    assert "box_iou" not in report and report["end_to_end"]["scenes"] == 1
+    assert "box_iou" not in report and "dense_naming" not in report and report["end_to_end"]["scenes"] == 1
     with pytest.raises(SystemExit):
         main(["--val", "-1"])
     assert "--val must be at least 0" in capsys.readouterr().err

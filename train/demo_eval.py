@@ -3,6 +3,10 @@
 - Box IoU per curriculum phase: greedy answers of the reasoner (torch, float32) on `--val` scenes
   of each `DEMO_CURRICULUM` phase from the val split, the first target's box (`greedy_box_iou`:
   mean IoU, Acc@0.5, share of answers that parse).
+- Naming on dense grounding: greedy answers to "find every object" on `--dense` val scenes of the
+  mixed stream's dense stage; each answer's boxes matched one-to-one to the scene's objects
+  (Hungarian on box IoU, a match needs IoU >= 0.5): the share of objects found, and of those the
+  share whose label is the object's noun (how well the reasoner recognises what it finds).
 - End to end: `Segmenter` with `--samples` samples voted (seed 0) on the first `--scenes` scenes
   of the test split's first phase (one named target among plain shapes, the kind `make demo`
   shows); mean mask IoU with the target's mask (pycocotools).
@@ -10,14 +14,15 @@
 The reasoning-segmentation scores (gIoU / cIoU per type and depth) come from `star-edge eval
 --synthetic`; this adds what that benchmark does not ask.
 
-Usage: python -m star_edge.train.demo_eval [--bundle DIR] [--val 200] [--scenes 100] [--samples 8]
-       [--json PATH]    (--val 0 or --scenes 0 skips that part)
+Usage: python -m star_edge.train.demo_eval [--bundle DIR] [--val 200] [--dense 200] [--scenes 100]
+       [--samples 8] [--json PATH]    (--val 0, --dense 0 or --scenes 0 skips that part)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,24 +31,63 @@ import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from star_edge.answer import ParseError, parse
 from star_edge.bundle import load_bundle
 from star_edge.defaults import default_bundle_path
+from star_edge.kernels import linear_sum_assignment_batch
 from star_edge.reasoner.torch_backend import TorchReasoner
 from star_edge.segmenter import Segmenter
-from star_edge.train.data.synthetic import sample, split_seed
+from star_edge.train.data.synthetic import SyntheticSample, sample, split_seed
 from star_edge.train.demo import DEMO_DATA_SEED, demo_curriculum, held_out
+from star_edge.train.rewards import box_iou
 from star_edge.train.sft import greedy_box_iou
+
+
+def _reasoner(bundle_dir: Path) -> TorchReasoner:
+    bundle = load_bundle(bundle_dir)
+    return TorchReasoner.from_dir(bundle.reasoner_dir, bundle.manifest["reasoner"], dtype=torch.float32)
 
 
 def phase_box_iou(bundle_dir: Path, count: int) -> dict[str, dict[str, float]]:
     """"phase N" -> greedy_box_iou of the bundle's reasoner on `count` val scenes of phase N (1-based)."""
-    bundle = load_bundle(bundle_dir)
-    reasoner = TorchReasoner.from_dir(bundle.reasoner_dir, bundle.manifest["reasoner"], dtype=torch.float32)
+    reasoner = _reasoner(bundle_dir)
     scores = {}
     with torch.inference_mode():
         for number, phase in enumerate(demo_curriculum(), start=1):
             scores[f"phase {number}"] = greedy_box_iou(reasoner, held_out(count, phase.config))
     return scores
+
+
+def greedy_naming(reasoner: TorchReasoner, scenes: list[SyntheticSample]) -> dict[str, float]:
+    """Greedy answers on dense-grounding scenes (module docstring): {"objects": objects in all
+    scenes, "found": share of them matched by an answer box, "named": share of the matched whose
+    label is the object's noun, "precision": share of answer boxes that match an object}."""
+    objects = found = named = answered = 0
+    for scene in scenes:
+        height, width = scene.image.shape[:2]
+        text = reasoner.generate(Image.fromarray(scene.image), scene.query, n=1).texts[0]
+        try:
+            predicted = parse(text, image_size=(width, height), input_size=reasoner.input_size,
+                              frame=reasoner.frame).objects
+        except ParseError:
+            predicted = []
+        ious = box_iou(np.array([o.box for o in predicted], dtype=np.float64).reshape(-1, 4), scene.boxes)
+        rows, cols = linear_sum_assignment_batch([ious], maximize=True)[0]
+        for row, col in zip(rows.tolist(), cols.tolist()):
+            if ious[row, col] >= 0.5:
+                found += 1
+                named += predicted[row].label.strip().lower() == scene.labels[col]
+        objects += len(scene.boxes)
+        answered += len(predicted)
+    return {"objects": objects, "found": found / max(objects, 1), "named": named / max(found, 1),
+            "precision": found / max(answered, 1)}
+
+
+def dense_naming(bundle_dir: Path, count: int) -> dict[str, float]:
+    """greedy_naming of the bundle's reasoner on `count` val scenes of the mixed stream's dense stage."""
+    config = replace(demo_curriculum()[-1].config, stage="dense")
+    with torch.inference_mode():
+        return greedy_naming(_reasoner(bundle_dir), held_out(count, config))
 
 
 def end_to_end_mask_iou(bundle_dir: Path, scenes: int, samples: int) -> dict[str, Any]:
@@ -66,17 +110,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="The demo model's held-out numbers.")
     parser.add_argument("--bundle", type=Path, default=None, help="a bundle folder (default: the shipped one)")
     parser.add_argument("--val", type=int, default=200, help="val scenes per curriculum phase (0: skip)")
+    parser.add_argument("--dense", type=int, default=200, help="val scenes of dense grounding (0: skip)")
     parser.add_argument("--scenes", type=int, default=100, help="test scenes end to end (0: skip)")
     parser.add_argument("--samples", type=int, default=8, help="samples voted end to end")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
-    for name, least in (("val", 0), ("scenes", 0), ("samples", 1)):
+    for name, least in (("val", 0), ("dense", 0), ("scenes", 0), ("samples", 1)):
         if getattr(args, name) < least:
             parser.error(f"--{name} must be at least {least}, got {getattr(args, name)}")
     bundle_dir = args.bundle or default_bundle_path()
     report: dict[str, Any] = {"bundle": str(bundle_dir)}
     if args.val:
         report["box_iou"] = phase_box_iou(bundle_dir, args.val)
+    if args.dense:
+        report["dense_naming"] = dense_naming(bundle_dir, args.dense)
     if args.scenes:
         report["end_to_end"] = end_to_end_mask_iou(bundle_dir, args.scenes, args.samples)
     text = json.dumps(report, indent=2)
