@@ -9,7 +9,8 @@ import torch
 
 from star_edge.export.tiny_reasoner import write_tiny_reasoner
 from star_edge.reasoner.torch_backend import TorchReasoner
-from star_edge.train.vision_probe import image_tokens, object_features, probe_accuracy
+from star_edge.train.object_pooling import coverage_weights, object_features
+from star_edge.train.vision_probe import image_tokens, probe_accuracy
 
 
 def test_image_tokens_are_what_the_language_model_receives_at_the_image_positions(tmp_path):
@@ -48,6 +49,9 @@ def test_object_features_weight_tokens_by_the_pixels_each_covers():
     features = object_features(tokens, masks)
     np.testing.assert_allclose(features[0], tokens[0, 0])
     np.testing.assert_allclose(features[1], 0.25 * tokens[0, 0] + 0.75 * tokens[0, 1], rtol=1e-6)
+    np.testing.assert_array_equal(coverage_weights(masks, (2, 2)), [[1, 0, 0, 0], [0.25, 0.75, 0, 0]])
+    with pytest.raises(ValueError, match="object 1 has an empty mask"):
+        coverage_weights(np.stack([masks[0], np.zeros((4, 4), bool)]), (2, 2))
 
 
 def test_the_probe_reads_separable_labels_and_not_random_ones():

@@ -28,6 +28,7 @@ from star_edge.defaults import default_bundle_path
 from star_edge.reasoner.torch_backend import TorchReasoner
 from star_edge.train.data.synthetic import SyntheticSample, sample
 from star_edge.train.demo import demo_curriculum
+from star_edge.train.object_pooling import object_features
 
 PROBE_STREAM = 5
 """Stream seed of the probe's scenes (the demo model trains on 0 and is scored on 1 and 2)."""
@@ -43,22 +44,6 @@ def image_tokens(reasoner: TorchReasoner, image: np.ndarray) -> np.ndarray:
     merge = reasoner.model.config.vision_config.spatial_merge_size
     _, rows, cols = (int(v) for v in inputs["image_grid_thw"][0])
     return tokens.reshape(rows // merge, cols // merge, -1)
-
-
-def object_features(tokens: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """(n, hidden) float32: per object, the mean of the tokens (rows, cols, hidden) weighted by the
-    pixels of its (n, H, W) bool mask that each token's cell of the image covers."""
-    rows, cols = tokens.shape[:2]
-    height, width = masks.shape[1:]
-    cell_of_row = np.arange(height) * rows // height
-    cell_of_col = np.arange(width) * cols // width
-    features = []
-    for mask in masks:
-        ys, xs = np.nonzero(mask)
-        coverage = np.zeros((rows, cols), dtype=np.float64)
-        np.add.at(coverage, (cell_of_row[ys], cell_of_col[xs]), 1.0)
-        features.append(np.tensordot(coverage / coverage.sum(), tokens, axes=([0, 1], [0, 1])))
-    return np.asarray(features, dtype=np.float32).reshape(len(masks), tokens.shape[-1])
 
 
 def probe_accuracy(features: np.ndarray, labels: Sequence[str], train_share: float = 0.8,

@@ -17,7 +17,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -27,7 +26,8 @@ from star_edge.reasoner.torch_backend import TorchReasoner
 from star_edge.train.data.synthetic import sample
 from star_edge.train.data.synthetic_catalogue import KINDS
 from star_edge.train.demo import demo_curriculum
-from star_edge.train.vision_probe import PROBE_STREAM, object_features
+from star_edge.train.object_pooling import coverage_weights
+from star_edge.train.vision_probe import PROBE_STREAM
 
 NOUNS = sorted(KINDS)
 HELD_OUT_FROM = 100_000
@@ -55,9 +55,7 @@ def main() -> None:
             pixels.append(inputs["pixel_values"])
             grids.append(inputs["image_grid_thw"])
             _, rows, cols = (int(v) for v in inputs["image_grid_thw"][0])
-            cells = (rows // merge, cols // merge)
-            one_hot = np.eye(cells[0] * cells[1], dtype=np.float32).reshape(*cells, -1)
-            weights.append(torch.from_numpy(object_features(one_hot, scene.instance_masks)))  # (n, tokens)
+            weights.append(torch.from_numpy(coverage_weights(scene.instance_masks, (rows // merge, cols // merge))))
             labels += [NOUNS.index(obj.noun) for obj in scene.objects]
         return torch.cat(pixels), torch.cat(grids), weights, torch.tensor(labels)
 
