@@ -9,8 +9,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from star_edge.answer import parse
+from star_edge.errors import InvalidInputError
 from star_edge.export.tiny_reasoner import write_tiny_reasoner
 from star_edge.reasoner.torch_backend import TorchReasoner
 from star_edge.train.answer_text import format_answer
@@ -216,3 +218,67 @@ def test_a_run_resumed_with_a_larger_batch_goes_on_where_its_samples_end(reasone
     resumed.train(max_steps=2)
     assert sorted(seen) == list(range(6, 14))
     assert resumed.state.step == 5 and resumed.state.samples_seen == 14
+
+
+def _shapes(index: int):
+    """A synthetic scene of 1-3 plain shapes (objects and their masks, for the naming loss)."""
+    from star_edge.train.data.synthetic import SyntheticConfig, sample
+
+    return sample(0, index, SyntheticConfig(size_range=(96, 128), stage="single", objects=(1, 3),
+                                            item_probability=0.0))
+
+
+NOUNS = ("circle", "diamond", "hexagon", "square", "star", "triangle")
+
+
+def test_naming_loss_is_the_head_on_each_objects_pooled_image_tokens(reasoner_dir, tmp_path):
+    from star_edge.train.object_pooling import object_features
+
+    config = SFTConfig(batch_size=3, warmup_steps=1, eval_every=0, naming_weight=0.5, naming_classes=NOUNS)
+    trainer = _trainer(reasoner_dir, config, tmp_path, source=_shapes)
+    scenes = [_shapes(i) for i in range(3)]
+    batch = trainer.batcher.collate([trainer.batcher.encode(s) for s in scenes])
+    expected = []
+    with torch.no_grad():
+        for s in scenes:
+            inputs = trainer.reasoner.hf_inputs(Image.fromarray(s.image), s.query)
+            tokens = trainer.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            merged = tokens.pooler_output[0].numpy()
+            side = int(round(len(merged) ** 0.5))
+            pooled = object_features(merged.reshape(side, side, -1), s.instance_masks)
+            expected.append(trainer.naming_head(torch.from_numpy(pooled)))
+        targets = torch.tensor([NOUNS.index(obj.noun) for s in scenes for obj in s.objects])
+        reference = torch.nn.functional.cross_entropy(torch.cat(expected), targets)
+    assert batch["naming_weights"].shape == (len(targets), 3 * side * side)
+    trainer.model.train()
+    _, _, naming_loss = trainer._step(batch)
+    assert naming_loss == pytest.approx(float(reference), rel=1e-4)
+    with pytest.raises(ValueError, match=r"nouns \['circle'\] are not among the naming classes"):
+        SFTBatcher(trainer.reasoner, naming_classes=[noun for noun in NOUNS if noun != "circle"]).encode(
+            next(s for s in (_shapes(i) for i in range(20)) if any(o.noun == "circle" for o in s.objects)))
+
+
+def test_a_run_with_the_naming_loss_resumes_exactly_and_only_with_it(reasoner_dir, tmp_path):
+    config = SFTConfig(batch_size=2, lr=1e-3, warmup_steps=1, total_steps=4, log_every=1, checkpoint_every=2,
+                       eval_every=0, naming_weight=1.0, naming_classes=NOUNS)
+    straight = _trainer(reasoner_dir, config, tmp_path / "a", source=_shapes)
+    initial_head = {k: v.clone() for k, v in straight.naming_head.state_dict().items()}
+    straight.train()
+    first = _trainer(reasoner_dir, config, tmp_path / "b", source=_shapes)
+    first.naming_head.load_state_dict(initial_head)
+    with pytest.raises(_Stopped):
+        first.train(on_log=_stop_after_step_3)
+    second = _trainer(reasoner_dir, config, tmp_path / "b", source=_shapes)
+    assert second.resume() and second.state.step == 2
+    second.train()
+    for name, tensor in straight.model.state_dict().items():
+        torch.testing.assert_close(second.model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+    for name, tensor in straight.naming_head.state_dict().items():
+        torch.testing.assert_close(second.naming_head.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+    assert all(float(row["naming_loss"]) > 0 for row in _log_rows(tmp_path / "b"))
+    without = _trainer(reasoner_dir, replace(config, naming_weight=0.0, naming_classes=()), tmp_path / "b",
+                       source=_shapes)
+    with pytest.raises(InvalidInputError, match="was trained with the naming loss; resume it with it"):
+        without.resume()
+    with pytest.raises(InvalidInputError, match="naming_classes given"):
+        _trainer(reasoner_dir, replace(config, naming_classes=()), tmp_path / "c", source=_shapes)

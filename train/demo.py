@@ -29,6 +29,7 @@ from star_edge.errors import InvalidInputError
 from star_edge.export.tiny_reasoner import MAX_NUMBER_TOKEN, TinyDims, write_tiny_reasoner
 from star_edge.reasoner.torch_backend import TorchReasoner
 from star_edge.train.data.synthetic import SyntheticConfig, SyntheticSample, sample, split_seed
+from star_edge.train.data.synthetic_catalogue import KINDS
 from star_edge.train.demo_init import apply_demo_init
 from star_edge.train.grpo_data import prompt_template_for
 from star_edge.train.sft import SFTConfig, SFTTrainer, TrainerState
@@ -185,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="the trainer_state.json that goes with --from-weights (stream position)")
     defaults = DEMO_SFT
     for name in ("batch_size", "lr", "warmup_steps", "total_steps", "num_workers", "log_every",
-                 "checkpoint_every", "amp_dtype", "vision_lr_scale", "vision_weight_decay"):
+                 "checkpoint_every", "amp_dtype", "vision_lr_scale", "vision_weight_decay", "naming_weight"):
         default = getattr(defaults, name)
         parser.add_argument("--" + name.replace("_", "-"), default=default,
                             type=type(default) if default is not None else str)
@@ -197,7 +198,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
                        amp_dtype=args.amp_dtype, eval_every=args.eval_every,
                        eval_count=args.eval_count, vision_lr_scale=args.vision_lr_scale,
-                       vision_weight_decay=args.vision_weight_decay, with_labels=not args.no_labels)
+                       vision_weight_decay=args.vision_weight_decay, with_labels=not args.no_labels,
+                       naming_weight=args.naming_weight,
+                       naming_classes=tuple(sorted(KINDS)) if args.naming_weight else ())
     phases = demo_curriculum(args.trace_locations)
     eval_samples = held_out(args.eval_count, phases[0].config) if args.eval_every else ()
     try:

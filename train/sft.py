@@ -6,12 +6,16 @@ A plain loop in the nanoGPT manner: a config dataclass, explicit tensors, explic
   synthetic generator is deterministic per index, so the stream position is just a number (the
   samples seen) and a resumed run sees exactly the samples it would have seen, also when it is
   resumed with another batch size (a GPU takes larger batches; the schedule counts steps).
-- Loss: next-token cross-entropy on the answer tokens only (the prompt and the image are context).
+- Loss: next-token cross-entropy on the answer tokens only (the prompt and the image are context);
+  optionally plus `naming_weight` times a naming loss: a linear head names every object of the
+  scene from the merged image tokens pooled over its pixels (`object_pooling`), so the vision tower
+  is taught what things are, not only through the few label tokens of the answer.
 - Optimiser: AdamW, linear warm-up, then cosine decay to `min_lr_ratio * lr`.
 - Checkpoints: `out_dir/checkpoint/` holds `reasoner/` (a complete Hugging Face folder that
   `TorchReasoner.from_dir` loads), the optimiser state, the RNG state and the trainer state, so
-  `resume()` continues exactly; `out_dir/log.csv` logs loss, learning rate, throughput and
-  evaluations (a resumed run first drops the rows logged after its checkpoint's step).
+  `resume()` continues exactly (with the naming head, when there is one); `out_dir/log.csv` logs
+  loss, learning rate, throughput and evaluations (a resumed run first drops the rows logged after
+  its checkpoint's step).
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from star_edge.answer import parse
+from star_edge.errors import InvalidInputError
 from star_edge.reasoner.prompts import build_messages
 from star_edge.reasoner.torch_backend import TorchReasoner, quiet_transformers
 from star_edge.train import csv_log
 from star_edge.train.answer_text import format_answer
+from star_edge.train.object_pooling import coverage_weights
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +52,9 @@ ANSWER_PREFIX = "<|im_start|>assistant\n"
 ANSWER_END = "<|im_end|>"
 #: The columns of `log.csv`: training rows fill step to elapsed_s, evaluation rows step, samples and
 #: the last three.
-LOG_FIELDS = ["step", "samples", "lr", "loss", "samples_per_s", "elapsed_s", "box_iou", "acc50", "parsed"]
+LOG_FIELDS = ["step", "samples", "lr", "loss", "samples_per_s", "elapsed_s", "box_iou", "acc50", "parsed",
+              "naming_loss"]
+NAMING_HEAD_FILE = "naming_head.pt"
 
 
 class GroundingSample(Protocol):
@@ -58,6 +66,13 @@ class GroundingSample(Protocol):
     points: np.ndarray  # (n, 2) original pixels
     labels: Sequence[str]
     trace: str
+
+
+class SceneObjects(Protocol):
+    """What the naming loss needs besides: every object of the scene and its visible mask."""
+
+    objects: Sequence  # each with a `noun`
+    instance_masks: np.ndarray  # (m, H, W) bool, one per object
 
 
 SampleSource = Callable[[int], GroundingSample]
@@ -101,6 +116,11 @@ class SFTConfig:
     """The vision tower's (and its mergers') learning rate, as a fraction of `lr`."""
     vision_weight_decay: float = 0.0
     """AdamW weight decay of the vision tower."""
+    naming_weight: float = 0.0
+    """Weight of the naming loss (module docstring); 0 turns it off. Samples then also need
+    `SceneObjects`' fields (the synthetic generator's samples have them)."""
+    naming_classes: tuple[str, ...] = ()
+    """The nouns the naming head tells apart (needed when `naming_weight` > 0)."""
 
 
 @dataclass
@@ -127,19 +147,24 @@ def answer_for(sample: GroundingSample, reasoner: TorchReasoner, with_labels: bo
 class SFTBatcher:
     """Turns samples into padded training tensors with labels on the answer tokens only."""
 
-    def __init__(self, reasoner: TorchReasoner, with_labels: bool = True) -> None:
+    def __init__(self, reasoner: TorchReasoner, with_labels: bool = True,
+                 naming_classes: Sequence[str] = ()) -> None:
         self.processor = reasoner.processor
         self.reasoner_frame = reasoner.frame
         self.input_size = reasoner.input_size
         self.template = reasoner.prompt_template
         self.reasoner = reasoner
         self.with_labels = with_labels
+        self.naming_classes = {noun: index for index, noun in enumerate(naming_classes)}
+        self.merge = reasoner.model.config.vision_config.spatial_merge_size
         tokenizer = self.processor.tokenizer
         self.answer_prefix_ids = tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
         self.pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
     def encode(self, sample: GroundingSample) -> dict[str, torch.Tensor]:
-        """One sample: input_ids (L,), labels (L,), pixel_values (P, D), image_grid_thw (1, 3)."""
+        """One sample: input_ids (L,), labels (L,), pixel_values (P, D), image_grid_thw (1, 3); with
+        naming classes also naming_weights (m, T) float32, the coverage of the image's T merged
+        tokens by each of its m objects, and naming_labels (m,) int64, their nouns' classes."""
         messages = build_messages(sample.query, frame=self.reasoner_frame, template=self.template)
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         text = prompt + answer_for(sample, self.reasoner, self.with_labels) + ANSWER_END
@@ -153,7 +178,18 @@ class SFTBatcher:
                    "image_grid_thw": batch["image_grid_thw"]}
         if "mm_token_type_ids" in batch:
             encoded["mm_token_type_ids"] = batch["mm_token_type_ids"][0]
+        if self.naming_classes:
+            encoded.update(self._naming(sample, batch["image_grid_thw"][0]))
         return encoded
+
+    def _naming(self, sample: SceneObjects, grid_thw: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, rows, cols = (int(v) for v in grid_thw)
+        unknown = sorted({obj.noun for obj in sample.objects} - set(self.naming_classes))
+        if unknown:
+            raise ValueError(f"nouns {unknown} are not among the naming classes")
+        weights = coverage_weights(sample.instance_masks, (rows // self.merge, cols // self.merge))
+        return {"naming_weights": torch.from_numpy(weights),
+                "naming_labels": torch.tensor([self.naming_classes[obj.noun] for obj in sample.objects])}
 
     def collate(self, encoded: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Right-pad a list of `encode` outputs into one batch."""
@@ -176,6 +212,9 @@ class SFTBatcher:
                 token_types[row, :size] = item["mm_token_type_ids"]
         batch["pixel_values"] = torch.cat([e["pixel_values"] for e in encoded])
         batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in encoded])
+        if "naming_weights" in encoded[0]:  # block-diagonal: each image's objects pool its own tokens
+            batch["naming_weights"] = torch.block_diag(*[e["naming_weights"] for e in encoded])
+            batch["naming_labels"] = torch.cat([e["naming_labels"] for e in encoded])
         return batch
 
 
@@ -251,6 +290,19 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
+def naming_cross_entropy(head: torch.nn.Module, vision_output, weights: torch.Tensor,
+                         labels: torch.Tensor) -> torch.Tensor:
+    """The naming loss: cross-entropy of `head` on the objects' pooled merged image tokens.
+
+    vision_output: the vision tower's output for a batch's images; its `pooler_output` holds the
+    merged tokens (one tensor per image, or all in one), T in all. weights (m, T) float32: each
+    object's coverage of those tokens (`SFTBatcher.collate`); labels (m,) int64: their classes.
+    """
+    merged = vision_output.pooler_output
+    tokens = torch.cat(list(merged)) if isinstance(merged, (tuple, list)) else merged
+    return torch.nn.functional.cross_entropy(head(weights @ tokens.float()), labels)
+
+
 class SFTTrainer:
     """Trains `reasoner.model` (loaded from `reasoner_dir`) in place; checkpoints into `out_dir`."""
 
@@ -263,21 +315,40 @@ class SFTTrainer:
         self.eval_samples = list(eval_samples)
         self.config = config
         self.out_dir = Path(out_dir)
-        self.batcher = SFTBatcher(reasoner, config.with_labels)
-        self.optimizer = torch.optim.AdamW(_parameter_groups(self.model, config), lr=config.lr, betas=(0.9, 0.95))
-        self.state = TrainerState()
+        if config.naming_weight < 0 or (config.naming_weight > 0 and not config.naming_classes):
+            raise InvalidInputError("naming_weight must be >= 0, and naming_classes given when it is > 0")
+        self.batcher = SFTBatcher(reasoner, config.with_labels, config.naming_classes if config.naming_weight else ())
         self.device = self.model.device
+        groups = _parameter_groups(self.model, config)
+        self.naming_head: torch.nn.Linear | None = None
+        if config.naming_weight:
+            self.naming_head = torch.nn.Linear(self.model.config.text_config.hidden_size,
+                                               len(config.naming_classes)).to(self.device)
+            groups.append({"params": list(self.naming_head.parameters()), "lr_scale": 1.0,
+                           "weight_decay": config.weight_decay})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+        self.state = TrainerState()
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.out_dir / "checkpoint"
 
     def resume(self) -> bool:
-        """Load the checkpoint in `out_dir` if there is one (weights, optimiser, RNG, position);
-        either way the log keeps only the rows up to the step the run goes on from."""
+        """Load the checkpoint in `out_dir` if there is one (weights, naming head, optimiser, RNG,
+        position); either way the log keeps only the rows up to the step the run goes on from.
+
+        Raises InvalidInputError when the checkpoint was trained with the naming loss and this run
+        is not, or the other way round."""
         state_file = self.checkpoint_dir / "trainer_state.json"
         found = state_file.is_file()
         if found:
+            head_file = self.checkpoint_dir / NAMING_HEAD_FILE
+            if head_file.is_file() != (self.naming_head is not None):
+                trained = "with" if head_file.is_file() else "without"
+                raise InvalidInputError(f"{self.checkpoint_dir} was trained {trained} the naming loss; resume it "
+                                        f"{trained} it, or start from its weights (--from-weights)")
+            if self.naming_head is not None:
+                self.naming_head.load_state_dict(torch.load(head_file, weights_only=True))
             saved = type(self.model).from_pretrained(self.checkpoint_dir / "reasoner", dtype=torch.float32)
             self.model.load_state_dict(saved.state_dict())
             self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
@@ -305,18 +376,21 @@ class SFTTrainer:
         elapsed_before = self.state.elapsed_s
         self.model.train()
         window_loss, window_tokens, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+        window_naming: list[float] = []
         for batch in self._batches(stop_step):
             step = self.state.step
             lr = learning_rate(step, config)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            loss, tokens = self._step(batch)
+            loss, tokens, naming_loss = self._step(batch)
             self.state.step += 1
             self.state.samples_seen += config.batch_size
             self.state.elapsed_s = elapsed_before + time.perf_counter() - started
             window_loss += loss * tokens
             window_tokens += tokens
             window_samples += config.batch_size
+            if naming_loss is not None:
+                window_naming.append(naming_loss)
             out_of_time = max_seconds is not None and time.perf_counter() - started >= max_seconds
             if self.state.step % config.log_every == 0 or self.state.step == stop_step or out_of_time:
                 seconds = time.perf_counter() - window_start
@@ -324,8 +398,11 @@ class SFTTrainer:
                        "loss": window_loss / max(1, window_tokens),
                        "samples_per_s": window_samples / max(seconds, 1e-9),
                        "elapsed_s": round(self.state.elapsed_s, 1)}
+                if window_naming:
+                    row["naming_loss"] = sum(window_naming) / len(window_naming)
                 self._log(row, on_log)
                 window_loss, window_tokens, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+                window_naming = []
             if config.eval_every and self.state.step % config.eval_every == 0 and self.eval_samples:
                 self._log({"step": self.state.step, "samples": self.state.samples_seen,
                            **self.evaluate()}, on_log)
@@ -358,6 +435,8 @@ class SFTTrainer:
         with quiet_transformers():
             self.model.save_pretrained(reasoner_dir)
         torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+        if self.naming_head is not None:
+            torch.save(self.naming_head.state_dict(), staging / NAMING_HEAD_FILE)
         torch.save(torch.get_rng_state(), staging / "rng.pt")
         (staging / "trainer_state.json").write_text(json.dumps(
             {"state": asdict(self.state), "config": asdict(self.config)}, indent=2))
@@ -382,23 +461,38 @@ class SFTTrainer:
             prefetch_factor=4 if self.config.num_workers else None)
         yield from loader
 
-    def _step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    def _step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int, float | None]:
+        """One optimiser step: (answer loss, answer tokens, naming loss or None)."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         labels = batch.pop("labels")
+        naming_weights, naming_labels = batch.pop("naming_weights", None), batch.pop("naming_labels", None)
         autocast = (torch.autocast(self.device.type, dtype=getattr(torch, self.config.amp_dtype))
                     if self.config.amp_dtype else nullcontext())
-        with autocast:
-            logits = self.model(**batch).logits
+        vision_outputs: list = []
+        hook = (self.model.model.visual.register_forward_hook(lambda module, args, output: vision_outputs.append(output))
+                if self.naming_head is not None else None)
+        try:
+            with autocast:
+                logits = self.model(**batch).logits
+        finally:
+            if hook is not None:
+                hook.remove()
         shift_logits = logits[:, :-1].float()
         shift_labels = labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
                                                  shift_labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        total, naming_loss = loss, None
+        if self.naming_head is not None:
+            naming_loss = naming_cross_entropy(self.naming_head, vision_outputs[0], naming_weights, naming_labels)
+            total = loss + self.config.naming_weight * naming_loss
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         if self.config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            head = [] if self.naming_head is None else list(self.naming_head.parameters())
+            torch.nn.utils.clip_grad_norm_(list(self.model.parameters()) + head, self.config.grad_clip)
         self.optimizer.step()
-        return float(loss.detach()), int((shift_labels != IGNORE_INDEX).sum())
+        return (float(loss.detach()), int((shift_labels != IGNORE_INDEX).sum()),
+                None if naming_loss is None else float(naming_loss.detach()))
 
     def _rewind_log(self) -> None:
         """Drop the log rows after `state.step` (`csv_log.rewind`)."""
