@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from tokenizers import Tokenizer
 
+from star_edge.bundle import load_bundle
 from star_edge.errors import InvalidInputError
 from star_edge.export.tiny_reasoner import MAX_NUMBER_TOKEN, TinyDims, write_tiny_reasoner
 from star_edge.reasoner.torch_backend import TorchReasoner
@@ -87,6 +88,17 @@ class CurriculumSource:
 
     def __call__(self, index: int) -> SyntheticSample:
         return sample(self.seed, index, self.config_at(index))
+
+
+def dense_config() -> SyntheticConfig:
+    """The mixed stream's dense-grounding stage on its own: "find every object" among 2-6."""
+    return replace(demo_curriculum()[-1].config, stage="dense")
+
+
+def bundle_reasoner(bundle_dir: str | Path) -> TorchReasoner:
+    """The reasoner of a bundle in float32 on the CPU (the card's numbers are measured so)."""
+    bundle = load_bundle(bundle_dir)
+    return TorchReasoner.from_dir(bundle.reasoner_dir, bundle.manifest["reasoner"], dtype=torch.float32)
 
 
 def held_out(count: int, config: SyntheticConfig, seed: int = DEMO_DATA_SEED) -> list[SyntheticSample]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,25 +31,19 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from star_edge.answer import ParseError, parse
-from star_edge.bundle import load_bundle
 from star_edge.defaults import default_bundle_path
 from star_edge.kernels import linear_sum_assignment_batch
 from star_edge.reasoner.torch_backend import TorchReasoner
 from star_edge.segmenter import Segmenter
 from star_edge.train.data.synthetic import SyntheticSample, sample, split_seed
-from star_edge.train.demo import DEMO_DATA_SEED, demo_curriculum, held_out
+from star_edge.train.demo import DEMO_DATA_SEED, bundle_reasoner, demo_curriculum, dense_config, held_out
 from star_edge.train.rewards import box_iou
 from star_edge.train.sft import greedy_box_iou
 
 
-def _reasoner(bundle_dir: Path) -> TorchReasoner:
-    bundle = load_bundle(bundle_dir)
-    return TorchReasoner.from_dir(bundle.reasoner_dir, bundle.manifest["reasoner"], dtype=torch.float32)
-
-
 def phase_box_iou(bundle_dir: Path, count: int) -> dict[str, dict[str, float]]:
     """"phase N" -> greedy_box_iou of the bundle's reasoner on `count` val scenes of phase N (1-based)."""
-    reasoner = _reasoner(bundle_dir)
+    reasoner = bundle_reasoner(bundle_dir)
     scores = {}
     with torch.inference_mode():
         for number, phase in enumerate(demo_curriculum(), start=1):
@@ -85,9 +78,8 @@ def greedy_naming(reasoner: TorchReasoner, scenes: list[SyntheticSample]) -> dic
 
 def dense_naming(bundle_dir: Path, count: int) -> dict[str, float]:
     """greedy_naming of the bundle's reasoner on `count` val scenes of the mixed stream's dense stage."""
-    config = replace(demo_curriculum()[-1].config, stage="dense")
     with torch.inference_mode():
-        return greedy_naming(_reasoner(bundle_dir), held_out(count, config))
+        return greedy_naming(bundle_reasoner(bundle_dir), held_out(count, dense_config()))
 
 
 def end_to_end_mask_iou(bundle_dir: Path, scenes: int, samples: int) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from star_edge.bundle import load_bundle
 from star_edge.defaults import default_bundle_path
 from star_edge.reasoner.torch_backend import TorchReasoner
 from star_edge.train.data.synthetic import SyntheticSample, sample
-from star_edge.train.demo import demo_curriculum
+from star_edge.train.demo import bundle_reasoner, dense_config
 from star_edge.train.object_pooling import object_features
 
 PROBE_STREAM = 5
@@ -100,11 +98,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.scenes < 2:
         parser.error(f"--scenes must be at least 2, got {args.scenes}")
-    bundle = load_bundle(args.bundle or default_bundle_path())
-    reasoner = TorchReasoner.from_dir(bundle.reasoner_dir, bundle.manifest["reasoner"], dtype=torch.float32)
-    config = replace(demo_curriculum()[-1].config, stage="dense")
-    report = {"bundle": str(bundle.root), "scenes": args.scenes,
-              **probe(reasoner, (sample(PROBE_STREAM, index, config) for index in range(args.scenes)))}
+    bundle_dir = args.bundle or default_bundle_path()
+    scenes = (sample(PROBE_STREAM, index, dense_config()) for index in range(args.scenes))
+    report = {"bundle": str(bundle_dir), "scenes": args.scenes, **probe(bundle_reasoner(bundle_dir), scenes)}
     text = json.dumps(report, indent=2)
     print(text)
     if args.json is not None:

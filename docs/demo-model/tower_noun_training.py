@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from star_edge.bundle import load_bundle
 from star_edge.defaults import default_bundle_path
-from star_edge.reasoner.torch_backend import TorchReasoner
 from star_edge.train.data.synthetic import sample
 from star_edge.train.data.synthetic_catalogue import KINDS
-from star_edge.train.demo import demo_curriculum
+from star_edge.train.demo import bundle_reasoner, dense_config
 from star_edge.train.object_pooling import coverage_weights
 from star_edge.train.vision_probe import PROBE_STREAM
 
@@ -41,11 +38,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    bundle = load_bundle(args.bundle or default_bundle_path())
-    reasoner = TorchReasoner.from_dir(bundle.reasoner_dir, bundle.manifest["reasoner"], dtype=torch.float32)
+    bundle_dir = args.bundle or default_bundle_path()
+    reasoner = bundle_reasoner(bundle_dir)
     model = reasoner.model
     merge = model.config.vision_config.spatial_merge_size
-    config = replace(demo_curriculum()[-1].config, stage="dense")
+    config = dense_config()
 
     def batch(indices: range) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
         pixels, grids, weights, labels = [], [], [], []
@@ -83,7 +80,7 @@ def main() -> None:
         if step % 50 == 0:
             print(json.dumps({"step": step, "scenes": 16 * step, "seconds": round(time.time() - start),
                               "loss": round(loss.item(), 3), "held_out": round(accuracy(), 3)}), flush=True)
-    print(json.dumps({"bundle": str(bundle.root), "lr": args.lr, "steps": step, "scenes": 16 * step,
+    print(json.dumps({"bundle": str(bundle_dir), "lr": args.lr, "steps": step, "scenes": 16 * step,
                       "held_out_objects": len(held_out[3]), "held_out": accuracy()}))
 
 
