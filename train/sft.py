@@ -28,7 +28,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -50,8 +50,8 @@ IGNORE_INDEX = -100
 VISION_PREFIX = "model.visual."
 ANSWER_PREFIX = "<|im_start|>assistant\n"
 ANSWER_END = "<|im_end|>"
-#: The columns of `log.csv`: training rows fill step to elapsed_s, evaluation rows step, samples and
-#: the last three.
+#: The columns of `log.csv`: training rows fill step to elapsed_s (and naming_loss, with the naming
+#: loss), evaluation rows step, samples, box_iou, acc50 and parsed.
 LOG_FIELDS = ["step", "samples", "lr", "loss", "samples_per_s", "elapsed_s", "box_iou", "acc50", "parsed",
               "naming_loss"]
 NAMING_HEAD_FILE = "naming_head.pt"
@@ -290,7 +290,7 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-def naming_cross_entropy(head: torch.nn.Module, vision_output, weights: torch.Tensor,
+def naming_cross_entropy(head: torch.nn.Module, vision_output: Any, weights: torch.Tensor,
                          labels: torch.Tensor) -> torch.Tensor:
     """The naming loss: cross-entropy of `head` on the objects' pooled merged image tokens.
 
