@@ -23,7 +23,7 @@ from typing import Any
 
 from star_edge.bundle import BACKENDS, MANIFEST_NAME, Bundle, file_sha256, load_bundle
 from star_edge.errors import BundleError, InvalidInputError
-from star_edge.export.bundle_writer import write_manifest
+from star_edge.export.bundle_writer import check_out_folder, write_manifest
 from star_edge.export.tensorrt_engines import (
     PRECISIONS,
     build_bundle_engines,
@@ -79,21 +79,6 @@ def _export_onnx(bundle: Bundle, variants: tuple[str, ...], say: Callable[[str],
     say("exporting SAM (image encoder, prompt decoder)")
     export_sam_onnx(bundle.sam_dir, folder, variants=variants)
     export_reasoner_onnx(bundle.reasoner_dir, bundle.manifest["reasoner"], folder, variants=variants, progress=say)
-
-
-def check_out_folder(out: str | Path) -> Path:
-    """`out` as a Path, if it is a folder or can become one.
-
-    Raises:
-        InvalidInputError: `out`, or a folder on its way, is an existing file.
-    """
-    out = Path(out)
-    for folder in (out, *out.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise InvalidInputError(f"cannot write the bundle folder {out}: {folder} is a file")
-            break
-    return out
 
 
 def export_bundle(

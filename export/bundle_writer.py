@@ -17,7 +17,22 @@ from star_edge.bundle import (
     file_sha256,
     load_bundle,
 )
-from star_edge.errors import BundleError
+from star_edge.errors import BundleError, InvalidInputError
+
+
+def check_out_folder(out: str | Path) -> Path:
+    """`out` as a Path, if it is a folder or can become one.
+
+    Raises:
+        InvalidInputError: `out`, or a folder on its way, is an existing file.
+    """
+    out = Path(out)
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise InvalidInputError(f"cannot write the bundle folder {out}: {folder} is a file")
+            break
+    return out
 
 
 def write_manifest(

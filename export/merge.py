@@ -26,7 +26,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from star_edge.bundle import Bundle
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
-from star_edge.export.bundle_writer import write_manifest
+from star_edge.export.bundle_writer import check_out_folder, write_manifest
 from star_edge.reasoner.torch_backend import FAMILIES, quiet_transformers
 from star_edge.sam.checkpoints import read_sam_config
 
@@ -297,10 +297,10 @@ def write_merged_bundle(
         (the bundle as verified by the runtime's reader, the merge report).
 
     Raises:
-        InvalidInputError: a bad input size or max_new_tokens.
+        InvalidInputError: a bad input size or max_new_tokens; `out` is (or lies under) a file.
         BundleError: see `merge_lora` and `_sam_section`.
     """
-    base, adapter, out, sam = Path(base), Path(adapter), Path(out), Path(sam)
+    base, adapter, out, sam = Path(base), Path(adapter), check_out_folder(out), Path(sam)
     family = checkpoint_family(base)
     vision = FAMILIES[family][0].config_class.from_pretrained(base, local_files_only=True).vision_config
     factor = vision.patch_size * vision.spatial_merge_size

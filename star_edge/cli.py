@@ -304,9 +304,7 @@ def export(
             from star_edge.tensorrt_runtime import detect_platform
 
             detect_platform("cuda")
-        from star_edge.export.bundle_export import check_out_folder, export_bundle
-
-        check_out_folder(out)
+        from star_edge.export.bundle_export import export_bundle
 
         def say(line: str) -> None:
             console.print(line, highlight=False)
