@@ -30,7 +30,6 @@ import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from star_edge.answer import ParseError, parse
 from star_edge.defaults import default_bundle_path
 from star_edge.kernels import linear_sum_assignment_batch
 from star_edge.reasoner.torch_backend import TorchReasoner
@@ -38,7 +37,7 @@ from star_edge.segmenter import Segmenter
 from star_edge.train.data.synthetic import SyntheticSample, sample, split_seed
 from star_edge.train.demo import DEMO_DATA_SEED, bundle_reasoner, demo_curriculum, dense_config, held_out
 from star_edge.train.rewards import box_iou
-from star_edge.train.sft import greedy_box_iou
+from star_edge.train.sft import greedy_box_iou, greedy_objects
 
 
 def phase_box_iou(bundle_dir: Path, count: int) -> dict[str, dict[str, float]]:
@@ -57,13 +56,7 @@ def greedy_naming(reasoner: TorchReasoner, scenes: list[SyntheticSample]) -> dic
     label is the object's noun, "precision": share of answer boxes that match an object}."""
     objects = found = named = answered = 0
     for scene in scenes:
-        height, width = scene.image.shape[:2]
-        text = reasoner.generate(Image.fromarray(scene.image), scene.query, n=1).texts[0]
-        try:
-            predicted = parse(text, image_size=(width, height), input_size=reasoner.input_size,
-                              frame=reasoner.frame).objects
-        except ParseError:
-            predicted = []
+        predicted = greedy_objects(reasoner, scene) or []
         ious = box_iou(np.array([o.box for o in predicted], dtype=np.float64).reshape(-1, 4), scene.boxes)
         rows, cols = linear_sum_assignment_batch([ious], maximize=True)[0]
         for row, col in zip(rows.tolist(), cols.tolist()):

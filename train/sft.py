@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from star_edge.answer import parse
+from star_edge.answer import AnswerObject, parse
 from star_edge.errors import InvalidInputError
 from star_edge.reasoner.prompts import build_messages
 from star_edge.reasoner.torch_backend import TorchReasoner, quiet_transformers
@@ -257,26 +257,32 @@ def learning_rate(step: int, config: SFTConfig) -> float:
     return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
+def greedy_objects(reasoner: TorchReasoner, sample: GroundingSample) -> list[AnswerObject] | None:
+    """The objects of the reasoner's greedy answer to a sample, in its original pixels; None when
+    the answer cannot be read."""
+    height, width = sample.image.shape[:2]
+    text = reasoner.generate(Image.fromarray(sample.image), sample.query, n=1).texts[0]
+    try:
+        return parse(text, image_size=(width, height), input_size=reasoner.input_size, frame=reasoner.frame).objects
+    except Exception:  # noqa: BLE001 - any unreadable answer is a failed one
+        return None
+
+
 def greedy_box_iou(reasoner: TorchReasoner, samples: Sequence[GroundingSample]) -> dict[str, float]:
     """Greedy answers on held-out samples: mean best-match box IoU of the first target, the share
     with IoU >= 0.5, and the share of answers that parse."""
     ious, parsed = [], 0
     for sample in samples:
-        height, width = sample.image.shape[:2]
-        text = reasoner.generate(Image.fromarray(sample.image), sample.query, n=1).texts[0]
-        try:
-            answer = parse(text, image_size=(width, height), input_size=reasoner.input_size,
-                           frame=reasoner.frame)
-        except Exception:  # noqa: BLE001 - a failed parse scores 0, like a failed sample
+        objects = greedy_objects(reasoner, sample)
+        if objects is None:  # a failed parse scores 0, like a failed sample
             ious.append(0.0)
             continue
         parsed += 1
         if len(sample.boxes) == 0:
-            ious.append(1.0 if not answer.objects else 0.0)
+            ious.append(1.0 if not objects else 0.0)
             continue
         target = np.asarray(sample.boxes[0], dtype=np.float64)
-        ious.append(max((_box_iou(np.asarray(o.box, np.float64), target) for o in answer.objects),
-                        default=0.0))
+        ious.append(max((_box_iou(np.asarray(o.box, np.float64), target) for o in objects), default=0.0))
     values = np.asarray(ious)
     return {"box_iou": float(values.mean()), "acc50": float((values >= 0.5).mean()),
             "parsed": parsed / max(1, len(samples))}
