@@ -78,6 +78,11 @@ class SamSpec:
     path: str
     image_size: int
 
+    @property
+    def model(self) -> dict[str, Any]:
+        """Which SAM: {"kind", "variant", "image_size"}, as its config.json and ONNX export name it."""
+        return {"kind": self.kind, "variant": self.variant, "image_size": self.image_size}
+
 
 @dataclass(frozen=True)
 class Bundle:
@@ -138,9 +143,9 @@ def _check_sam_section(bundle: Bundle) -> None:
         return
     if not isinstance(config, dict):
         return
-    for key in ("kind", "variant", "image_size"):
-        if key in config and config[key] != getattr(bundle.sam, key):
-            raise BundleError(f"{bundle.root / MANIFEST_NAME}: sam.{key} is {getattr(bundle.sam, key)!r} but "
+    for key, declared in bundle.sam.model.items():
+        if key in config and config[key] != declared:
+            raise BundleError(f"{bundle.root / MANIFEST_NAME}: sam.{key} is {declared!r} but "
                               f"{config_file} has {config[key]!r}")
 
 

@@ -138,7 +138,7 @@ class Segmenter:
         from star_edge.sam.onnx_backend import OnnxMaskDecoder, check_export_of
 
         onnx_dir = bundle.root / "onnx"
-        check_export_of(onnx_dir, _declared_sam(bundle))
+        check_export_of(onnx_dir, bundle.sam.model)
         reasoner = OnnxReasoner.from_dir(onnx_dir, bundle.reasoner_dir, bundle.manifest["reasoner"], device=device)
         return cls(bundle, reasoner, OnnxMaskDecoder.from_dir(onnx_dir, device=device), vote_config, "onnx")
 
@@ -155,7 +155,7 @@ class Segmenter:
         engines = select_engines(bundle, platform)
         open_engine = engine_opener(bundle, engines, platform)
         onnx_dir = bundle.root / "onnx"
-        check_export_of(onnx_dir, _declared_sam(bundle))
+        check_export_of(onnx_dir, bundle.sam.model)
         reasoner = tensorrt_reasoner(onnx_dir, bundle.reasoner_dir, bundle.manifest["reasoner"], open_engine)
         mask_decoder = tensorrt_mask_decoder(onnx_dir, open_engine, engines.max_prompts)
         return cls(bundle, reasoner, mask_decoder, vote_config, "tensorrt")
@@ -499,11 +499,6 @@ def _check_device_name(device: object) -> None:
     name, _, index = device.partition(":")
     if name not in ("cpu", "cuda") or (index and not index.isdigit()) or (name == "cpu" and index):
         raise InvalidInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-
-
-def _declared_sam(bundle: Bundle) -> dict[str, Any]:
-    """The SAM the manifest declares: {"kind", "variant", "image_size"}."""
-    return {"kind": bundle.sam.kind, "variant": bundle.sam.variant, "image_size": bundle.sam.image_size}
 
 
 def _check_torch_device(device: str) -> None:

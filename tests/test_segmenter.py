@@ -282,7 +282,8 @@ def test_auto_backend_prefers_onnx_on_the_cpu_and_falls_back_to_what_is_there(bu
     assert Segmenter.from_pretrained(both.root).backend == "onnx"
     from star_edge.sam.onnx_backend import check_export_of
 
-    declared = {"kind": both.sam.kind, "variant": both.sam.variant, "image_size": both.sam.image_size}
+    declared = both.sam.model
+    assert declared == {"kind": both.sam.kind, "variant": both.sam.variant, "image_size": both.sam.image_size}
     check_export_of(both.root / "onnx", declared)
     wrong = declared["image_size"] * 2
     with pytest.raises(BundleError, match=rf"sam_onnx\.json was exported for .*, the manifest declares .*: {wrong}"):
