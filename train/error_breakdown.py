@@ -27,10 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from star_edge.errors import InvalidInputError
-from star_edge.kernels import rle_decode
+from star_edge.kernels import pack_masks, pairwise_iou, rle_decode
 from star_edge.train.data.synthetic import BENCHMARK_CONFIG, SyntheticSample, sample, split_seed
 
 OUTCOMES = ("rejected", "false positive", "empty", "miss", "partial", "hit")
@@ -75,9 +74,7 @@ def grounding(record: dict[str, Any], scene: SyntheticSample) -> str | None:
     if predicted.shape != objects.shape[1:]:
         raise InvalidInputError(f"record {record['index']}: mask {predicted.shape} on a scene of "
                                 f"{objects.shape[1:]} pixels")
-    intersection = (objects & predicted).sum(axis=(1, 2))
-    union = (objects | predicted).sum(axis=(1, 2))
-    ious = intersection / np.maximum(union, 1)
+    ious = pairwise_iou(pack_masks(predicted[None]), pack_masks(objects))[0]
     best = int(ious.argmax())
     if ious[best] < COVERS:
         return "no object"
