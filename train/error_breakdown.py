@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-
 from star_edge.errors import InvalidInputError
 from star_edge.kernels import pack_masks, pairwise_iou, rle_decode
 from star_edge.train.data.synthetic import BENCHMARK_CONFIG, SyntheticSample, sample, split_seed
