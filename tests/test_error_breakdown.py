@@ -75,8 +75,12 @@ def test_reports_of_other_data_or_other_scenes_are_refused():
     record = _record(index, 0, np.zeros_like(sample(STREAM, index, BENCHMARK_CONFIG).mask), [])
     with pytest.raises(InvalidInputError, match="synthetic split"):
         breakdown({"meta": {"data": "reasonseg/val"}, "samples": [record]})
-    with pytest.raises(InvalidInputError, match="not the scenes this report scored"):
+    with pytest.raises(InvalidInputError, match="^record .* not the scenes this report scored$"):
         breakdown({"meta": {"synthetic": {"split": "test", "seed": 0}}, "samples": [record]})
+    for field in ("n_samples", "iou"):  # read for every record, "rejected" ones included
+        partial = {key: value for key, value in record.items() if key != field}
+        with pytest.raises(InvalidInputError, match=f"^not a `star-edge eval --json` report: KeyError\\('{field}'\\)"):
+            breakdown({"meta": META, "samples": [partial]})
 
 
 def test_a_synthetic_eval_report_names_its_split_and_loses_exactly_its_missing_giou(tmp_path, capsys):

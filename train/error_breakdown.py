@@ -101,10 +101,11 @@ def breakdown(report: dict[str, Any]) -> list[Share]:
     Scenes are regenerated one image index at a time (each serves every N scored on it).
 
     Raises InvalidInputError if the report is not synthetic, lacks a record field, or its image ids
-    are not those of the regenerated scenes (another generator version).
+    are not those of the regenerated scenes (another split, seed or index; a generator changed
+    since the report was written is not detected).
     """
     scenes = scene_source(report)
-    classified: list[tuple[dict[str, Any], str, str | None]] = []  # (record, outcome, grounding)
+    classified: list[tuple[int, float, str, str | None]] = []  # (N, IoU, outcome, grounding)
     try:
         by_index: dict[int, list[dict[str, Any]]] = {}
         for record in report["samples"]:
@@ -115,17 +116,20 @@ def breakdown(report: dict[str, Any]) -> list[Share]:
                 if record["image_id"] != scene.image_id:
                     raise InvalidInputError(f"record {index} scored {record['image_id']}, the generator gives "
                                             f"{scene.image_id}: not the scenes this report scored")
-                classified.append((record, outcome(record), grounding(record, scene)))
+                classified.append((int(record["n_samples"]), float(record["iou"]), outcome(record),
+                                   grounding(record, scene)))
+    except InvalidInputError:
+        raise
     except (KeyError, TypeError, ValueError) as error:
         raise InvalidInputError(f"not a `star-edge eval --json` report: {error!r}") from None
     rows: list[Share] = []
-    for n in sorted({int(record["n_samples"]) for record, _, _ in classified}):
-        of_n = [item for item in classified if int(item[0]["n_samples"]) == n]
-        answered = sum(item[2] is not None for item in of_n)
-        for names, position, total in ((OUTCOMES, 1, len(of_n)), (GROUNDINGS, 2, answered)):
+    for n in sorted({item[0] for item in classified}):
+        of_n = [item for item in classified if item[0] == n]
+        answered = sum(item[3] is not None for item in of_n)
+        for names, position, total in ((OUTCOMES, 2, len(of_n)), (GROUNDINGS, 3, answered)):
             for name in names:
-                members = [item[0] for item in of_n if item[position] == name]
-                lost = sum(1.0 - float(r["iou"]) for r in members) / len(of_n)
+                members = [item[1] for item in of_n if item[position] == name]
+                lost = sum(1.0 - iou for iou in members) / len(of_n)
                 rows.append(Share(samples=n, category=name, queries=len(members),
                                   share=len(members) / total if total else 0.0, giou_lost=lost))
     return rows
