@@ -233,8 +233,10 @@ def test_paired_differences_name_what_is_wrong():
 
     with pytest.raises(InvalidInputError, match="second report"):
         paired_differences(_report({(0, 1): 0.5, (1, 1): 0.2}), {"summary": {}})
-    with pytest.raises(InvalidInputError, match="share no queries"):
+    with pytest.raises(InvalidInputError, match="share 0 scored queries"):
         paired_differences(_report({(0, 1): 0.5, (1, 1): 0.2}), _report({(5, 1): 0.5, (6, 1): 0.2}))
+    with pytest.raises(InvalidInputError, match="share 2 scored queries, not two of the same N"):
+        paired_differences(_report({(0, 1): 0.5, (1, 8): 0.2}), _report({(0, 1): 0.4, (1, 8): 0.3}))
     val, test = _report({(0, 1): 0.5, (1, 1): 0.2}), _report({(0, 1): 0.4, (1, 1): 0.3})
     for report, stream in ((val, 1), (test, 2)):
         for record in report["samples"]:

@@ -73,7 +73,8 @@ def paired_differences(before: dict[str, Any], after: dict[str, Any]) -> list[Pa
                                         after=float(b.mean()), difference=float(diff.mean()),
                                         standard_error=float(diff.std(ddof=1) / np.sqrt(len(keys)))))
     if not results:
-        raise InvalidInputError("the two reports share no queries (same --synthetic seed and count?)")
+        raise InvalidInputError(f"the two reports share {len(shared)} scored queries, not two of the same N "
+                                "(same --synthetic seed and count? same -n?)")
     return results
 
 

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from star_edge.answer import AnswerObject, parse
+from star_edge.answer import AnswerObject, ParseError, parse
 from star_edge.errors import InvalidInputError
 from star_edge.reasoner.prompts import build_messages
 from star_edge.reasoner.torch_backend import TorchReasoner, quiet_transformers
@@ -264,7 +264,7 @@ def greedy_objects(reasoner: TorchReasoner, sample: GroundingSample) -> list[Ans
     text = reasoner.generate(Image.fromarray(sample.image), sample.query, n=1).texts[0]
     try:
         return parse(text, image_size=(width, height), input_size=reasoner.input_size, frame=reasoner.frame).objects
-    except Exception:  # noqa: BLE001 - any unreadable answer is a failed one
+    except ParseError:
         return None
 
 
