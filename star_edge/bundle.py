@@ -35,6 +35,8 @@ from typing import Any
 
 from star_edge.errors import BundleError
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
 MANIFEST_NAME = "star_edge.json"
 FORMAT_NAME = "star-edge-bundle"
 FORMAT_VERSION = 1
@@ -293,10 +295,14 @@ def _parse_files(files: object, where: str) -> dict[str, FileEntry]:
             not isinstance(entry, dict)
             or not isinstance(entry.get("sha256"), str)
             or len(entry["sha256"]) != 64
+            or not set(entry["sha256"].lower()) <= _HEX_DIGITS
             or not isinstance(entry.get("bytes"), int)
+            or isinstance(entry["bytes"], bool)
             or entry["bytes"] < 0
         ):
             raise BundleError(f"{where}: files[{relative!r}] must be {{'sha256': 64 hex chars, 'bytes': int}}")
+        if safe in parsed:
+            raise BundleError(f"{where}: files[{relative!r}] names {safe!r}, which files already lists")
         parsed[safe] = FileEntry(sha256=entry["sha256"].lower(), size=entry["bytes"])
     return parsed
 
