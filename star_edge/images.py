@@ -53,8 +53,11 @@ def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     Returns:
         (H, W, 3) uint8 C-contiguous RGB array.
     """
+    if isinstance(image, np.ma.MaskedArray):
+        raise InvalidInputError("masked image arrays are not supported (the mask would be ignored); "
+                                "pass image.filled(0) or a plain array")
     if isinstance(image, np.ndarray):
-        return _from_array(image, max_pixels)
+        return _from_array(np.asarray(image), max_pixels)  # np.matrix and other subclasses: a plain view
     if isinstance(image, Image.Image):
         _check_size(image.size, max_pixels, "image")
         try:
@@ -177,9 +180,10 @@ def _from_array(array: np.ndarray, max_pixels: int | None) -> np.ndarray:
     if rgb.dtype in (np.uint16, np.int32):  # int32: PIL's 'I' mode (32-bit TIFF, Image.convert("I"))
         if rgb.min() < 0 or rgb.max() > 65535:
             raise InvalidInputError("16-bit image values must lie in [0, 65535]")
-        if rgb.dtype == np.int32 and rgb.max() <= 255:  # read as 16-bit it would be all but black
-            raise InvalidInputError("32-bit integer image (PIL mode 'I' or int32) with values 0-255: its bit depth "
-                                    "is ambiguous; convert it to uint8 (PIL mode 'L' or 'RGB') or uint16 first")
+        if rgb.max() <= 255:  # 8-bit values in a wider type: read as 16-bit they would be all but black
+            kind = "16-bit (uint16, PIL mode 'I;16')" if rgb.dtype == np.uint16 else "32-bit integer (int32, PIL mode 'I')"
+            raise InvalidInputError(f"{kind} image with values 0-255 only: its bit depth is ambiguous (read as "
+                                    "16-bit it would be black); convert it to uint8 (PIL mode 'L' or 'RGB')")
         return np.ascontiguousarray((rgb.astype(np.uint32) >> 8).astype(np.uint8))
     raise InvalidInputError(
         f"image array must be uint8 (or uint16), got {array.dtype}; "

@@ -77,8 +77,27 @@ def test_32_bit_integer_images_load_as_16_bit_unless_their_depth_is_ambiguous(tm
     np.testing.assert_array_equal(load_image(path)[:, :, 0], (values >> 8).astype(np.uint8))
     eight_bit = Image.fromarray(np.full((8, 8), 200, np.uint8)).convert("I")
     for ambiguous in (eight_bit, np.asarray(eight_bit)):
-        with pytest.raises(InvalidInputError, match="ambiguous; convert it to uint8"):
+        with pytest.raises(InvalidInputError, match=r"32-bit integer .* values 0-255 only: its bit depth is ambiguous"):
             load_image(ambiguous)
+
+
+def test_16_bit_images_holding_8_bit_values_are_refused_not_read_as_black(tmp_path, rgb):
+    eight_bit = rgb.astype(np.uint16)  # values 0-255 in a 16-bit container: >> 8 would give all zeros
+    path = _saved(tmp_path, Image.fromarray(eight_bit[:, :, 0]), "narrow16.png")
+    assert Image.open(path).mode.startswith("I;16")
+    for ambiguous in (eight_bit, Image.fromarray(eight_bit[:, :, 0]), path):
+        with pytest.raises(InvalidInputError, match=r"16-bit .* values 0-255 only: its bit depth is ambiguous"):
+            load_image(ambiguous)
+    eight_bit[0, 0, 0] = 256  # one value past 8 bits: a (dark) 16-bit image
+    assert load_image(eight_bit)[0, 0, 0] == 1
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_array_subclasses_load_as_plain_arrays_and_masked_arrays_are_refused(rgb):
+    gray = rgb[:, :, 0]
+    np.testing.assert_array_equal(load_image(np.asmatrix(gray)), np.repeat(gray[:, :, None], 3, axis=2))
+    with pytest.raises(InvalidInputError, match="masked image arrays are not supported"):
+        load_image(np.ma.masked_less(rgb, 10))
 
 
 def test_corrupt_exif_loads_without_warnings(tmp_path, rgb):
