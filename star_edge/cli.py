@@ -97,7 +97,9 @@ def segment(
         query = validate_query(query)
         check_samples(samples)
         check_seed(seed)
-        check_margin(margin)
+        check_margin(margin, adaptive)
+        _check_output(json_path, "--json", image)
+        _check_output(out, "--out", image, suffix=".png")
         segmenter = Segmenter.from_pretrained(bundle, backend=backend, device=device)
         if not segmenter.bundle.trained:
             errors.print(f"note: bundle '{segmenter.bundle.name}' is untrained (weights from config); "
@@ -174,6 +176,7 @@ def evaluate(
         counts = tuple(sorted(check_samples(n) for n in numbers))
         if not counts or (limit is not None and limit < 1) or worst < 0:
             raise InvalidInputError("--samples and --limit must be positive, --worst >= 0")
+        _check_output(json_path, "--json")
         procs = processes(cpu=not device.startswith("cuda"))
         if synthetic and split is None:
             split = "test"
@@ -392,6 +395,7 @@ def bench(
         from star_edge.segmenter import Segmenter
 
         counts = parse_sample_counts(samples)
+        _check_output(json_path, "--json", image)
         pixels = load_image(image) if image is not None else bench_image()
         query = validate_query(query)
         segmenter = Segmenter.from_pretrained(bundle, backend=backend, device=device)
@@ -441,6 +445,27 @@ def _print_result(result) -> None:  # noqa: ANN001 - star_edge.result.Result, im
         f"; first failure: {next(s.error for s in result.samples if not s.ok)}"), highlight=False)
     console.print("timings (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items()),
                   highlight=False)
+
+
+def _check_output(path: Path | None, option: str, source: Path | None = None, suffix: str | None = None) -> None:
+    """Raise InvalidInputError before any model loads when `path` (an `option` output) cannot be
+    written: a folder, under a file, the `source` input itself, or without the `suffix` it is written in."""
+    from star_edge.errors import InvalidInputError
+
+    if path is None:
+        return
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise InvalidInputError(f"{option} {path}: the file is written as {suffix[1:].upper()}; name it *{suffix}")
+    try:
+        if path.is_dir():
+            raise InvalidInputError(f"{option} {path} is a folder; give a file name")
+        above = next((parent for parent in path.parents if parent.exists()), None)
+        if above is not None and not above.is_dir():
+            raise InvalidInputError(f"{option} {path}: {above} is a file, not a folder")
+        if source is not None and path.exists() and path.resolve() == source.resolve():
+            raise InvalidInputError(f"{option} {path} is the input image; write the output elsewhere")
+    except OSError as exc:  # a name too long, a folder on the way that cannot be searched
+        raise InvalidInputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _write_file(path: Path, write) -> None:  # noqa: ANN001

@@ -21,7 +21,7 @@ from PIL import Image
 from star_edge.adaptive import vote_is_settled
 from star_edge.answer import Answer, ParseError, parse
 from star_edge.bundle import Bundle, load_bundle
-from star_edge.errors import BackendUnavailableError, InvalidInputError
+from star_edge.errors import BackendUnavailableError, InvalidInputError, StarEdgeError
 from star_edge.images import ImageInput, load_image, validate_query
 from star_edge.result import ObjectMask, Result, Sample
 from star_edge.vote import VoteConfig, majority_vote, union_mask
@@ -212,11 +212,12 @@ class Segmenter:
         seed = check_seed(seed)
         if not isinstance(adaptive, bool):
             raise InvalidInputError(f"adaptive must be a bool, got {type(adaptive).__name__}")
-        margin = check_margin(margin)
+        margin = check_margin(margin, adaptive)
         if adaptive and samples > 1:
             return self._segment_adaptive(started, pixels, query, samples, seed, margin)
         timings: dict[str, float] = {}
         with self._lock:
+            self._check_open()
             self._pin_threads()
             generated = self.reasoner.generate(Image.fromarray(pixels), query, n=samples, seed=seed)
             timings.update(generated.timings)
@@ -250,6 +251,7 @@ class Segmenter:
         """`segment` with adaptive=True (see there)."""
         seed = secrets.randbits(63) if seed is None else seed
         with self._lock:
+            self._check_open()
             self._pin_threads()
             prepared = self.reasoner.prefill(Image.fromarray(pixels), query)
             begin = time.perf_counter()
@@ -266,6 +268,11 @@ class Segmenter:
         timings["vote"] += _ms_since(begin)
         timings["total"] = _ms_since(started)
         return Result(query=query, image=pixels, objects=objects, mask=mask, samples=vote.parsed, timings=timings)
+
+    def _check_open(self) -> None:
+        """Raise StarEdgeError after `close` (the models are gone)."""
+        if self.reasoner is None or self.mask_decoder is None:
+            raise StarEdgeError("this Segmenter is closed; load another with Segmenter.from_pretrained")
 
     def _pin_threads(self) -> None:
         """Set torch's intra-op thread count for the calling thread to the one the Segmenter was
@@ -452,8 +459,12 @@ def check_samples(samples: object) -> int:
     return int(samples)
 
 
-def check_margin(margin: object) -> int | None:
-    """Return `margin` (None or a non-negative int), or raise InvalidInputError."""
+def check_margin(margin: object, adaptive: bool) -> int | None:
+    """Return `margin` (None or a non-negative int, and None unless `adaptive`), or raise
+    InvalidInputError."""
+    if margin is not None and not adaptive:
+        raise InvalidInputError(f"margin {margin!r} applies to adaptive voting only; pass adaptive=True "
+                                "(--adaptive) or leave margin out")
     if margin is None:
         return None
     if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:

@@ -124,6 +124,18 @@ def _unreadable(monkeypatch: pytest.MonkeyPatch, files: Path) -> None:
     monkeypatch.setattr(Image, "open", refusing_open)
 
 
+def _unmakeable_folder(monkeypatch: pytest.MonkeyPatch, files: Path) -> None:
+    """Folders named locked-out cannot be made (root ignores modes, so the OS refusal is simulated)."""
+    real_mkdir = Path.mkdir
+
+    def refusing_mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        if self.name == "locked-out":
+            raise PermissionError(13, "Permission denied", str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
+
+
 @dataclass(frozen=True)
 class Bad:
     """One bad input: what it is, the message the error must contain (regex), the library call
@@ -228,6 +240,8 @@ BAD_INPUTS = [
     _segment("adaptive 'yes'", "adaptive must be a bool", None, adaptive="yes"),
     _segment("margin -1", "margin must be a non-negative integer",
              ["cup", "--adaptive", "--margin", "-1"], samples=4, adaptive=True, margin=-1),
+    _segment("margin without adaptive", "margin 2 applies to adaptive voting only",
+             ["cup", "-n", "4", "--margin", "2"], samples=4, margin=2),
     # backend and device
     _load("backend jax", "backend must be", ["--backend", "jax"], backend="jax"),
     _load("backend TORCH", "backend must be", ["--backend", "TORCH"], backend="TORCH"),
@@ -239,8 +253,17 @@ BAD_INPUTS = [
     Bad("bundle path 123", "path must be a bundle folder", lambda seg, bundle, files: Segmenter.from_pretrained(123),
         None),
     # where the result goes
-    Bad("--json into a folder that cannot be made", "cannot write", None,
-        ["segment", "{files}/ok.png", "cup", "-n", "1", "--json", "{files}/empty.png/result.json"], needs_model=True),
+    Bad("--json under a file", r"empty\.png is a file, not a folder", None,
+        ["segment", "{files}/ok.png", "cup", "-n", "1", "--json", "{files}/empty.png/result.json"]),
+    Bad("--json a folder", "is a folder; give a file name", None,
+        ["segment", "{files}/ok.png", "cup", "-n", "1", "--json", "{files}"]),
+    Bad("--out not a PNG name", r"written as PNG; name it \*\.png", None,
+        ["segment", "{files}/ok.png", "cup", "-n", "1", "--out", "{files}/overlay.jpg"]),
+    Bad("--out the input image", "is the input image", None,
+        ["segment", "{files}/ok.png", "cup", "-n", "1", "--out", "{files}/ok.png"]),
+    Bad("--json into a folder that cannot be made", "cannot write .*Permission denied", None,
+        ["segment", "{files}/ok.png", "cup", "-n", "1", "--json", "{files}/locked-out/result.json"],
+        _unmakeable_folder, needs_model=True),
 ]
 
 

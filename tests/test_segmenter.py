@@ -13,7 +13,7 @@ from pycocotools import mask as coco_mask
 
 from star_edge.answer import parse
 from star_edge.bundle import load_bundle
-from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
+from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError, StarEdgeError
 from star_edge.export.tiny import make_tiny_bundle
 from star_edge.segmenter import Segmenter, decode_distinct
 from star_edge.vote import majority_vote
@@ -188,6 +188,14 @@ def test_when_every_sample_fails_the_result_is_empty_and_says_why(tmp_path, imag
         res = seg.segment(image, "anything", samples=4, seed=0)
     assert res.objects == [] and not res.mask.any() and res.mask.shape == (200, 300)
     assert all(not s.ok and s.error for s in res.samples)
+
+
+def test_a_closed_segmenter_says_so(bundle_path, image):
+    with Segmenter.from_pretrained(bundle_path) as seg:
+        seg.segment(image, "a cup", samples=1)
+    for adaptive in (False, True):
+        with pytest.raises(StarEdgeError, match="this Segmenter is closed"):
+            seg.segment(image, "a cup", samples=4, adaptive=adaptive)
 
 
 def test_threads_sharing_a_segmenter_match_serial_calls(segmenter, image):
