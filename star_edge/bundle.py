@@ -124,6 +124,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     root = Path(path)
     if root.name == MANIFEST_NAME and root.is_file():
         root = root.parent
+    if root.is_file():
+        raise BundleError(f"{root} is a file; a bundle is the folder that holds {MANIFEST_NAME}")
     if not root.is_dir():
         raise BundleError(f"bundle folder not found: {root}")
     manifest = _read_manifest(root / MANIFEST_NAME)

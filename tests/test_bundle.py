@@ -109,6 +109,8 @@ def test_missing_or_unreadable_manifest(tmp_path, bundle_dir):
         load_bundle(tmp_path / "nowhere")
     with pytest.raises(BundleError, match="manifest missing"):
         load_bundle(bundle_dir / "sam")
+    with pytest.raises(BundleError, match=r"model\.safetensors is a file; a bundle is the folder that holds"):
+        load_bundle(bundle_dir / "sam" / "model.safetensors")
     (bundle_dir / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(BundleError, match="unreadable manifest"):
         load_bundle(bundle_dir)
