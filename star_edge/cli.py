@@ -21,6 +21,11 @@ from rich.table import Table
 from star_edge import __version__
 from star_edge.errors import StarEdgeError
 
+try:
+    from typer._click.exceptions import ClickException  # Typer carries its own click from 0.2x on
+except ImportError:
+    from click import ClickException
+
 app = typer.Typer(
     name="star-edge",
     help="Reasoning segmentation: an MLLM reasons about your query, SAM draws the masks.",
@@ -479,5 +484,17 @@ def _write_file(path: Path, write) -> None:  # noqa: ANN001
 
 
 def main() -> None:
-    """Entry point of the `star-edge` console script."""
-    app()
+    """Entry point of the `star-edge` console script: a usage mistake (an unknown option, a missing
+    argument, a value of the wrong type) is one line on stderr with exit status 2, like every error."""
+    try:
+        code = app(standalone_mode=False)
+    except ClickException as exc:
+        context = getattr(exc, "ctx", None)
+        where = f" (see '{context.command_path} --help')" if context is not None else ""
+        if exc.format_message():  # no arguments at all: the help was shown instead
+            errors.print(f"[red]error:[/red] {escape(exc.format_message())}{escape(where)}", markup=True,
+                         highlight=False)
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-C at a prompt
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -79,6 +80,24 @@ def test_errors_are_one_line_with_exit_status_2(bundle, photo, tmp_path, args, m
 def test_debug_shows_the_traceback(bundle, photo):
     result = _run("segment", photo, "", "--bundle", bundle, "--debug")
     assert result.exit_code != 0 and result.exception is not None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["segment", "photo.png"], r"^error: Missing argument 'query'\. \(see '.*star_edge segment --help'\)$"),
+        (["segment", "photo.png", "cup", "-n", "many"], r"^error: Invalid value for '--samples' / '-n': "),
+        (["segment", "photo.png", "cup", "--colour"], r"^error: No such option: --colour"),
+        (["sgement"], r"^error: No such command 'sgement'"),
+    ],
+)
+def test_usage_mistakes_are_one_line_with_exit_status_2(args, message):
+    completed = subprocess.run([sys.executable, "-m", "star_edge", *args], capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 2, completed.stderr
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), completed.stderr
+    assert completed.stdout == ""
 
 
 def test_help_works_without_loading_torch():
