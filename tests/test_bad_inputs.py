@@ -225,6 +225,8 @@ BAD_INPUTS = [
     _segment("query with NUL", "NUL character", ["a cup\x00"], query="a cup\x00"),
     _segment("query huge", "10000 characters long; the limit is 2000", ["x" * 10_000], query="x" * 10_000),
     _segment("query lone surrogate", "not valid Unicode", ["cup \ud800"], query="cup \ud800"),
+    _segment("query past the model's context", "passes the model's context of 8192 tokens",
+             ["\N{SLIGHTLY SMILING FACE}" * 2000], needs_model=True, query="\N{SLIGHTLY SMILING FACE}" * 2000),
     _segment("query with a chat token", "special token", ["<|im_start|>system"], needs_model=True,
              query="<|im_start|>system"),
     _segment("query bytes", "query must be a string", None, query=b"cup"),

@@ -119,6 +119,30 @@ def test_numpy_preprocessing_equals_the_processor(random_qwen3, query, image):
     assert ours.image_mask.sum() == 64
 
 
+def test_both_backends_refuse_a_prompt_past_the_context_alike(random_qwen3):
+    reasoner, onnx_reasoner, _ = random_qwen3
+    context = reasoner.model.config.text_config.max_position_embeddings
+    messages = []
+    for call in (reasoner.hf_inputs, onnx_reasoner.prompt_inputs):
+        with pytest.raises(InvalidInputError, match=f"passes the model's context of {context} tokens") as error:
+            call(IMAGES[0], "\N{SLIGHTLY SMILING FACE}" * 2000)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]  # the same prompt length, counted by the HF processor and by ours
+    prompt = len(onnx_reasoner.prompt_inputs(IMAGES[0], QUERIES[0]).input_ids)
+    budgets = reasoner.max_new_tokens, onnx_reasoner.max_new_tokens
+    try:
+        for budget, fits in ((context - prompt, True), (context - prompt + 1, False)):
+            reasoner.max_new_tokens = onnx_reasoner.max_new_tokens = budget
+            for call in (reasoner.hf_inputs, onnx_reasoner.prompt_inputs):
+                if fits:
+                    call(IMAGES[0], QUERIES[0])
+                else:
+                    with pytest.raises(InvalidInputError, match=f"prompt of {prompt} tokens"):
+                        call(IMAGES[0], QUERIES[0])
+    finally:
+        reasoner.max_new_tokens, onnx_reasoner.max_new_tokens = budgets
+
+
 def test_prefill_and_batched_steps_match_torch_within_tolerance(random_qwen3):
     reasoner, onnx_reasoner, _ = random_qwen3
     state = sampling.prefill(reasoner.model, reasoner.hf_inputs(IMAGES[0], QUERIES[0]))

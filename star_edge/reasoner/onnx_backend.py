@@ -41,11 +41,12 @@ from typing import Any, Protocol
 import numpy as np
 import PIL.Image
 
-from star_edge.descriptions import read_description as read_json_description
+from star_edge.descriptions import read_description as read_json_description, read_json
 from star_edge.errors import BundleError, InvalidInputError
 from star_edge.reasoner import ReasonerOutput, build_messages, decoding
 from star_edge.reasoner.onnx_graphs import OnnxRuntimeGraphs
 from star_edge.reasoner.preprocess import ImageLayout, PromptText, PromptTokenizer, mrope_positions, pixel_patches
+from star_edge.reasoner.prompts import check_prompt_length, context_length
 
 DESCRIPTION_FILE = "reasoner_onnx.json"
 FORMAT_NAME = "star-edge-reasoner-onnx"
@@ -210,6 +211,9 @@ class OnnxReasoner:
         prompt = spec["prompt"]
         self._prompt = PromptText(prompt["prefix"], prompt["suffix"], prompt["image_token"])
         self._tokenizer = PromptTokenizer(Path(reasoner_dir) / "tokenizer.json")
+        config_file = Path(reasoner_dir) / "config.json"
+        self._context = (context_length(read_json(config_file, "the reasoner config"))
+                         if config_file.is_file() else None)
         self._image_token_id = int(spec["image_token_id"])
         self._hidden = int(spec["hidden_size"])
         self._layers = int(spec["num_layers"])
@@ -259,7 +263,8 @@ class OnnxReasoner:
         """The graphs' inputs for one image and query (what `TorchReasoner.hf_inputs` gives torch).
 
         Raises:
-            InvalidInputError: not a PIL image; an empty query or one containing special tokens.
+            InvalidInputError: not a PIL image; an empty query or one containing special tokens; a
+                prompt that with `max_new_tokens` passes the model's context (reasoner/config.json).
         """
         if not isinstance(image, PIL.Image.Image):
             raise InvalidInputError(f"the reasoner takes a PIL image, got {type(image).__name__}")
@@ -267,6 +272,7 @@ class OnnxReasoner:
         if any(token in query for token in self._tokenizer.special_tokens):
             raise InvalidInputError("the query contains a special token of the model's chat format")
         input_ids = self._tokenizer.encode(self._prompt.render(query.strip(), self._layout.image_tokens))
+        check_prompt_length(len(input_ids), self.max_new_tokens, self._context)
         image_mask = input_ids == self._image_token_id
         positions = mrope_positions(image_mask, self._layout.grid, self._layout.merge_size)
         return PromptInputs(input_ids, image_mask, pixel_patches(image, self._layout), positions)

@@ -128,3 +128,23 @@ def build_messages(query: str, frame: str = "pixels", template: str = "star_v1")
         raise InvalidInputError(f"unknown prompt template {template!r}; expected one of {sorted(PROMPT_TEMPLATES)}")
     text = PROMPT_TEMPLATES[template].render(query.strip(), frame)
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def context_length(config: object) -> int | None:
+    """The most positions a checkpoint's `config.json` (as a dict) allows: its text model's
+    `max_position_embeddings` (Qwen3-VL nests it in `text_config`); None where it names none."""
+    if not isinstance(config, Mapping):
+        return None
+    text = config.get("text_config")
+    value = (text if isinstance(text, Mapping) else {}).get("max_position_embeddings",
+                                                              config.get("max_position_embeddings"))
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def check_prompt_length(prompt_tokens: int, max_new_tokens: int, context: int | None) -> None:
+    """Raise InvalidInputError when a prompt of `prompt_tokens` tokens (image tokens included) plus
+    `max_new_tokens` answer tokens does not fit the model's `context` (None: no limit known)."""
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        raise InvalidInputError(
+            f"the query makes a prompt of {prompt_tokens} tokens; with up to {max_new_tokens} answer tokens "
+            f"that passes the model's context of {context} tokens (shorten the query)")

@@ -47,7 +47,9 @@ from transformers.utils import logging as hf_logging
 from star_edge.bundle import checkpoint_weight_files
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
 from star_edge.reasoner import ReasonerOutput, decoding, sampling
-from star_edge.reasoner.prompts import FRAMES, PROMPT_TEMPLATES, build_messages
+from star_edge.reasoner.prompts import (
+    FRAMES, PROMPT_TEMPLATES, build_messages, check_prompt_length, context_length,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +199,7 @@ class TorchReasoner:
         self.prompt_template = prompt_template
         self.max_new_tokens = max_new_tokens
         self.device = model.device
+        self._context = context_length(model.config.to_dict())
         self._lock = threading.Lock()
         self._special_tokens = tuple(
             token.content for token in processor.tokenizer.added_tokens_decoder.values() if token.special
@@ -277,7 +280,8 @@ class TorchReasoner:
             image_grid_thw (1, 3) int64 = [[1, H / patch, W / patch]].
 
         Raises:
-            InvalidInputError: not a PIL image; an empty query or one containing special tokens.
+            InvalidInputError: not a PIL image; an empty query or one containing special tokens; a
+                prompt that with `max_new_tokens` passes the model's context.
         """
         if not isinstance(image, PIL.Image.Image):
             raise InvalidInputError(f"the reasoner takes a PIL image, got {type(image).__name__}")
@@ -289,6 +293,7 @@ class TorchReasoner:
             rgb = rgb.resize(self.input_size, PIL.Image.Resampling.BICUBIC)
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         batch = self.processor(text=[text], images=[rgb], return_tensors="pt")
+        check_prompt_length(batch["input_ids"].shape[1], self.max_new_tokens, self._context)
         return {name: tensor.to(self.device) for name, tensor in batch.items()}
 
 
