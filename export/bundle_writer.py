@@ -18,6 +18,7 @@ from star_edge.bundle import (
     load_bundle,
 )
 from star_edge.errors import BundleError, InvalidInputError
+from star_edge.paths import file_in_the_way
 
 
 def check_out_folder(out: str | Path) -> Path:
@@ -27,11 +28,9 @@ def check_out_folder(out: str | Path) -> Path:
         InvalidInputError: `out`, or a folder on its way, is an existing file.
     """
     out = Path(out)
-    for folder in (out, *out.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise InvalidInputError(f"cannot write the bundle folder {out}: {folder} is a file")
-            break
+    blocking = out if out.exists() and not out.is_dir() else file_in_the_way(out)
+    if blocking is not None:
+        raise InvalidInputError(f"cannot write the bundle folder {out}: {blocking} is a file")
     return out
 
 

@@ -456,6 +456,7 @@ def _check_output(path: Path | None, option: str, source: Path | None = None, su
     """Raise InvalidInputError before any model loads when `path` (an `option` output) cannot be
     written: a folder, under a file, the `source` input itself, or without the `suffix` it is written in."""
     from star_edge.errors import InvalidInputError
+    from star_edge.paths import file_in_the_way
 
     if path is None:
         return
@@ -464,8 +465,8 @@ def _check_output(path: Path | None, option: str, source: Path | None = None, su
     try:
         if path.is_dir():
             raise InvalidInputError(f"{option} {path} is a folder; give a file name")
-        above = next((parent for parent in path.parents if parent.exists()), None)
-        if above is not None and not above.is_dir():
+        above = file_in_the_way(path)
+        if above is not None:
             raise InvalidInputError(f"{option} {path}: {above} is a file, not a folder")
         if source is not None and path.exists() and path.resolve() == source.resolve():
             raise InvalidInputError(f"{option} {path} is the input image; write the output elsewhere")
