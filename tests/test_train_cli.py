@@ -191,3 +191,45 @@ def test_full_fine_tuning_trains_the_language_model_and_leaves_the_vision_tower(
         assert segmenter.bundle.trained and segmenter.bundle.reasoner.prompt_template == "star_compact_v1"
     code, output = run("--config", str(config), "--stage", "2", "--max-steps", "1", "--out", str(out))
     assert code == 2 and "full fine-tuning" in output and "stage:1" in output
+
+
+def test_a_stage_carried_without_its_optimiser_resumes_with_the_same_prompts_draws_and_rate(tmp_path):
+    """`carry` drops optimizer.pt; the resumed step 3 then samples the same completions from the same
+    weights as an uninterrupted run and trains at the same point of a warm-up schedule (Trainer
+    alone restarts the schedule when the optimiser state is missing)."""
+    from star_edge.train.carry import carry
+
+    settings = {**MINI, "grpo": {**MINI["grpo"], "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 4}}
+    config = tmp_path / "mini.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run("--config", str(config), "--max-steps", "1", "--out", str(whole))[0] == 0
+    shutil.copytree(whole / "sft", split / "sft")
+    code, output = run("--config", str(config), "--stage", "1", "--max-steps", "3", "--out", str(whole))
+    assert code == 0, output
+
+    code, output = run("--config", str(config), "--stage", "1", "--max-steps", "2", "--out", str(split))
+    assert code == 0, output
+    carried = carry(split / "stage1", tmp_path / "carried")
+    assert carried == tmp_path / "carried" / "checkpoints" / "checkpoint-2"
+    assert [p.name for p in (tmp_path / "carried" / "checkpoints").iterdir()] == ["checkpoint-2"]
+    assert not (carried / "optimizer.pt").exists() and (carried / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "carried" / "adapter" / "adapter_model.safetensors").is_file()
+    shutil.rmtree(split / "stage1")
+    shutil.copytree(tmp_path / "carried", split / "stage1")
+    code, output = run("--config", str(config), "--stage", "1", "--max-steps", "3", "--out", str(split), "--resume")
+    assert code == 0, output
+
+    expected = [row for row in rows(whole / "stage1" / "metrics.jsonl") if "reward" in row]
+    resumed = [row for row in rows(split / "stage1" / "metrics.jsonl") if "reward" in row]
+    assert [row["step"] for row in resumed] == [1, 2, 3]
+    assert 0 < expected[2]["learning_rate"] < settings["grpo"]["learning_rate"]  # still warming up
+    for key in ("learning_rate", "reward", "completions/mean_length", "loss", "grad_norm"):
+        assert resumed[2][key] == pytest.approx(expected[2][key], rel=1e-6), key
+
+    with pytest.raises(InvalidInputError, match="not an empty folder"):
+        carry(split / "stage1", tmp_path / "carried")
+    with pytest.raises(InvalidInputError, match="no GRPO checkpoint"):
+        carry(split / "sft", tmp_path / "elsewhere")
+    with pytest.raises(InvalidInputError, match="inside the stage folder"):
+        carry(split / "stage1", split / "stage1" / "copy")

@@ -17,6 +17,8 @@ for what TRL cannot express:
   passes the rows to its reward functions but not to the generation step).
 - `_calculate_rewards`: also logs the mean within-group standard deviation of the total reward
   ("reward/group_std"; TRL's own "reward_std" is over the whole batch).
+- `_load_optimizer_and_scheduler`: a checkpoint carried without its optimiser state
+  (`star_edge.train.carry`) still restores the learning-rate schedule; Trainer would restart it.
 
 REST needs whole groups on each process: per_device_train_batch_size * steps_per_generation must be a
 multiple of num_generations (TRL hands each process a contiguous slice of the prompt stream).
@@ -25,6 +27,7 @@ multiple of num_generations (TRL hands each process a contiguous slice of the pr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +39,7 @@ from trl.data_utils import is_conversational
 from trl.trainer.utils import is_async_callable, nanstd
 
 from star_edge.errors import InvalidInputError
+from star_edge.train.carry import OPTIMIZER_FILES
 from star_edge.train.rest import reward_spread, select_extremes
 
 LANGUAGE_MODEL_LINEAR = (
@@ -218,3 +222,17 @@ class StarGRPOTrainer(GRPOTrainer):
         totals = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1).view(-1, group)
         self._metrics[mode]["reward/group_std"].append(nanstd(totals, dim=1).mean().item())
         return rewards_per_func
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Trainer's loading; for a checkpoint without optimiser state (Trainer then loads neither),
+        the scheduler's state alone, and the learning rate it sets for the next step."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.is_deepspeed_enabled:
+            return
+        folder = Path(checkpoint)
+        scheduler = folder / "scheduler.pt"
+        if any((folder / name).exists() for name in OPTIMIZER_FILES) or not scheduler.is_file():
+            return
+        self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+        for group, rate in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            group["lr"] = rate
