@@ -33,11 +33,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 
-from star_edge.vote import VoteConfig, VotedObject, majority_vote
+from star_edge.vote import VoteConfig, every_cluster, majority_vote
 
 
 def vote_is_settled(
@@ -78,7 +77,7 @@ def vote_is_settled(
     if k_votes <= runner_up_votes + slack:
         return False
     kept = {obj.members for obj in majority_vote(masks, scores, sample_ids, labels, n_valid, object_counts, config)}
-    clusters = _every_cluster(masks, scores, sample_ids, labels, n_valid, config)
+    clusters = every_cluster(masks, scores, sample_ids, labels, n_valid, object_counts, config)
     kept_votes = [cluster.votes for cluster in clusters if cluster.members in kept]
     other_votes = [cluster.votes for cluster in clusters if cluster.members not in kept] + [0]
     if not kept_votes or min(kept_votes) / grown < config.min_vote_ratio:
@@ -86,19 +85,3 @@ def vote_is_settled(
     if len(kept_votes) == k:
         return min(kept_votes) > max(other_votes) + slack
     return (max(other_votes) + slack) / grown < config.min_vote_ratio
-
-
-def _every_cluster(
-    masks: np.ndarray,
-    scores: np.ndarray,
-    sample_ids: np.ndarray,
-    labels: Sequence[str],
-    n_valid: int,
-    config: VoteConfig,
-) -> list[VotedObject]:
-    """Every cluster with its votes and members: `majority_vote` with no
-    vote-ratio filter and room for every candidate (K = M; no sample counted as "no target").
-    Clustering is the same as in the real vote; the masks are not used ("best" is the cheapest)."""
-    room = max(len(labels), 1)
-    everything = replace(config, min_vote_ratio=0.0, aggregation="best")
-    return majority_vote(masks, scores, sample_ids, labels, n_valid, [room] * n_valid, everything)

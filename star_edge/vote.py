@@ -118,8 +118,8 @@ def majority_vote(
         sample_ids: (M,) int in [0, n_valid): the valid sample each candidate came from.
         labels: M strings, each candidate's label.
         n_valid: the number of valid samples (failed samples are not counted).
-        object_counts: n_valid non-negative ints, the objects each valid sample answered; 0 means
-            "no target".
+        object_counts: n_valid non-negative ints, the objects each valid sample answered (its
+            number of candidates); 0 means "no target".
         config: the voting knobs.
 
     Returns:
@@ -129,18 +129,51 @@ def majority_vote(
 
     Raises:
         InvalidInputError: inconsistent shapes or lengths, non-bool or non-3-D masks, non-finite
-            scores, sample ids out of range, or bad object counts.
+            scores, sample ids out of range, or object counts that are not each sample's number
+            of candidates.
     """
-    masks, scores, sample_ids = _check_inputs(masks, scores, sample_ids, labels, n_valid, object_counts)
-    if not isinstance(config, VoteConfig):
-        raise InvalidInputError(f"config must be a VoteConfig, got {type(config).__name__}")
+    masks, scores, sample_ids = _check_inputs(masks, scores, sample_ids, labels, n_valid, object_counts, config)
     if n_valid == 0:
         return []
     no_target = sum(1 for count in object_counts if count == 0)
     if no_target / n_valid >= config.no_target_ratio or masks.shape[0] == 0:
         return []
-    k = _modal_count(object_counts)
+    return _ranked_clusters(masks, scores, sample_ids, labels, n_valid, _modal_count(object_counts), config)
 
+
+def every_cluster(
+    masks: np.ndarray,
+    scores: np.ndarray | Sequence[float],
+    sample_ids: np.ndarray | Sequence[int],
+    labels: Sequence[str],
+    n_valid: int,
+    object_counts: Sequence[int],
+    config: VoteConfig = VoteConfig(),
+) -> list[VotedObject]:
+    """Every cluster of `majority_vote`'s clustering, ranked as it ranks them, with its votes and
+    members: no "no target" rule, no vote-ratio filter, no top-K cut; each mask is the cluster's
+    best member whatever `config.aggregation` says (what adaptive stopping weighs).
+
+    Arguments and errors as `majority_vote`.
+    """
+    masks, scores, sample_ids = _check_inputs(masks, scores, sample_ids, labels, n_valid, object_counts, config)
+    if masks.shape[0] == 0:
+        return []
+    everything = replace(config, min_vote_ratio=0.0, aggregation="best")
+    return _ranked_clusters(masks, scores, sample_ids, labels, n_valid, masks.shape[0], everything)
+
+
+def _ranked_clusters(
+    masks: np.ndarray,
+    scores: np.ndarray,
+    sample_ids: np.ndarray,
+    labels: Sequence[str],
+    n_valid: int,
+    k: int,
+    config: VoteConfig,
+) -> list[VotedObject]:
+    """Steps 3-5 of the vote on checked, non-empty inputs: cluster, count votes, filter by vote
+    ratio, rank, keep the top k, aggregate each kept cluster."""
     packed = pack_masks(masks)
     if config.clustering == "greedy":
         clusters = _greedy_clusters(packed, config.iou_threshold)
@@ -205,9 +238,12 @@ def _check_inputs(
     labels: Sequence[str],
     n_valid: int,
     object_counts: Sequence[int],
+    config: VoteConfig,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validates majority_vote's arguments; returns masks (M, H, W) bool, scores (M,) float64 and
     sample_ids (M,) int64."""
+    if not isinstance(config, VoteConfig):
+        raise InvalidInputError(f"config must be a VoteConfig, got {type(config).__name__}")
     if not isinstance(masks, np.ndarray) or masks.ndim != 3 or masks.dtype != np.bool_:
         if isinstance(masks, np.ndarray):
             got = f"{masks.dtype} array of shape {masks.shape}"
@@ -248,6 +284,11 @@ def _check_inputs(
         )
     if not all(isinstance(c, Integral) and not isinstance(c, bool) and c >= 0 for c in object_counts):
         raise InvalidInputError(f"object_counts must be non-negative ints, got {list(object_counts)}")
+    candidates = np.bincount(ids, minlength=n_valid)
+    if not np.array_equal(candidates, np.asarray(object_counts, dtype=np.int64)):
+        sample = int(np.flatnonzero(candidates != np.asarray(object_counts))[0])
+        raise InvalidInputError(f"object_counts must count each sample's masks: sample {sample} has "
+                                f"{candidates[sample]} masks and an object count of {object_counts[sample]}")
     return masks, scores, ids
 
 

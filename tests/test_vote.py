@@ -68,7 +68,7 @@ def test_no_target_below_the_ratio_still_votes() -> None:
 
 def test_no_valid_samples_or_no_candidates_returns_empty() -> None:
     assert vote([], [], []) == []
-    assert vote([], [], [1, 1]) == []
+    assert vote([], [], [0, 0]) == []
 
 
 # 2. K = the most common non-zero object count
@@ -141,21 +141,24 @@ def test_two_masks_of_one_sample_in_one_cluster_count_one_vote() -> None:
 
 
 def test_ratio_filter_drops_rare_clusters() -> None:
-    masks = [strip(0, 5)] * 3 + [strip(10, 15)]
-    # n_valid = 6: the lone cluster has 1/6 < 0.2 and goes even though K = 2 leaves room
-    objects = vote(masks, [0, 1, 2, 3], [2, 2, 2, 2, 1, 1], scores=[0.1, 0.1, 0.1, 0.9])
-    assert members(objects) == [(0, 1, 2)]
+    a = strip(0, 5)
+    masks = [a, strip(10, 11), a, strip(11, 12), a, strip(12, 13), strip(14, 18), strip(13, 14)]
+    # n_valid = 6 (two "no target"): the lone clusters have 1/6 < 0.2 and go even though K = 2
+    # leaves room for one of them
+    objects = vote(masks, [0, 0, 1, 1, 2, 2, 3, 3], [2, 2, 2, 2, 0, 0], scores=[0.1, 0.9] * 4)
+    assert members(objects) == [(0, 2, 4)]
 
 
 def test_ratio_exactly_at_min_vote_ratio_is_kept() -> None:
-    masks = [strip(0, 5)] * 3 + [strip(10, 15)]
-    objects = vote(masks, [0, 1, 2, 3], [2, 2, 1, 1, 2])  # K = 2; the lone cluster has 1/5 = 0.2
-    assert members(objects) == [(0, 1, 2), (3,)]
+    masks = [strip(0, 5)] * 5 + [strip(10, 15)]
+    # K = 2 (counts 2 and 1 tie; 2 is seen first); the lone cluster has 1/5 = 0.2
+    objects = vote(masks, [0, 0, 1, 1, 2, 3], [2, 2, 1, 1, 0])
+    assert members(objects) == [(0, 1, 2, 3, 4), (5,)]
 
 
 def test_ratio_filter_falls_back_to_all_clusters_when_none_passes() -> None:
     masks = [strip(0, 4), strip(5, 9), strip(10, 14)]
-    objects = vote(masks, [0, 1, 2], [1] * 10, scores=[0.2, 0.9, 0.5], min_vote_ratio=0.5)
+    objects = vote(masks, [0, 1, 2], [1] * 3, scores=[0.2, 0.9, 0.5], min_vote_ratio=0.5)
     assert members(objects) == [(1,)]  # all 1-vote clusters survive; K = 1 takes the best score
 
 
@@ -179,15 +182,15 @@ def test_equal_votes_and_mean_score_keep_the_earlier_cluster_first() -> None:
 
 
 def test_k_larger_than_the_clusters_returns_every_kept_cluster() -> None:
-    masks = [strip(0, 4), strip(0, 4)]
-    objects = vote(masks, [0, 1], [5, 5])
-    assert members(objects) == [(0, 1)]
+    masks = [strip(0, 4)] * 4  # each sample names the one object twice: K = 2, one cluster
+    objects = vote(masks, [0, 0, 1, 1], [2, 2])
+    assert members(objects) == [(0, 1, 2, 3)]
 
 
 def test_only_the_top_k_clusters_are_returned() -> None:
-    masks = [strip(0, 4), strip(5, 9), strip(10, 14), strip(0, 4), strip(5, 9)]
-    objects = vote(masks, [0, 0, 0, 1, 1], [3, 2, 2])
-    assert members(objects) == [(0, 3), (1, 4)]
+    masks = [strip(0, 4), strip(5, 9), strip(10, 14), strip(0, 4), strip(5, 9), strip(0, 4), strip(5, 9)]
+    objects = vote(masks, [0, 0, 0, 1, 1, 2, 2], [3, 2, 2])  # K = 2 of three clusters
+    assert members(objects) == [(0, 3, 5), (1, 4, 6)]
 
 
 # 5. One mask per cluster
@@ -309,6 +312,8 @@ def good_args() -> dict[str, object]:
         (dict(object_counts=[1]), "one entry per valid sample"),
         (dict(object_counts=[1, -1]), "non-negative"),
         (dict(object_counts=[1, 1.5]), "non-negative"),
+        (dict(object_counts=[0, 1]), "sample 0 has 1 masks and an object count of 0"),
+        (dict(object_counts=[1, 3]), "sample 1 has 1 masks and an object count of 3"),
         (dict(config={"iou_threshold": 0.5}), "VoteConfig"),
     ],
 )
