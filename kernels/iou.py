@@ -6,6 +6,7 @@ AND and one popcount per 64 pixels instead of 64 boolean operations.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,10 @@ from numba.extending import intrinsic
 from star_edge.errors import InvalidInputError
 
 WORD_BITS = 64
+_PARALLEL_CALLS = threading.Lock()
+"""One parallel kernel at a time per process: Numba's workqueue threading layer (its fallback
+without OpenMP or TBB) aborts the process when two threads run parallel kernels at once, and each
+call uses every core anyway."""
 
 
 @dataclass(frozen=True)
@@ -169,12 +174,15 @@ def pairwise_iou(a: PackedMasks, b: PackedMasks | None = None) -> np.ndarray:
     """IoU of every mask of a with every mask of b, as (M, N) float64.
 
     With b None: the symmetric (M, M) matrix of a with itself, each unordered pair computed once;
-    the diagonal is 1.0 for non-empty masks. The IoU of two empty masks is 0.0.
+    the diagonal is 1.0 for non-empty masks. The IoU of two empty masks is 0.0. Safe to call from
+    several threads (the parallel kernels run one at a time).
     """
     a = _check_packed(a, "a")
     if b is None:
-        return _iou_symmetric(a.bits, a.areas)
+        with _PARALLEL_CALLS:
+            return _iou_symmetric(a.bits, a.areas)
     b = _check_packed(b, "b")
     if a.shape != b.shape or a.bits.shape[1] != b.bits.shape[1]:
         raise InvalidInputError(f"mask shapes differ: {a.shape} vs {b.shape}")
-    return _iou_cross(a.bits, a.areas, b.bits, b.areas)
+    with _PARALLEL_CALLS:
+        return _iou_cross(a.bits, a.areas, b.bits, b.areas)

@@ -165,3 +165,39 @@ def test_pairwise_iou_property(masks, cross):
     expected = pairwise_iou_reference(masks)
     np.testing.assert_allclose(iou, expected, rtol=0, atol=1e-12)
     assert ((iou >= 0) & (iou <= 1)).all()
+
+
+def test_threads_share_the_parallel_kernels_under_numba_workqueue_layer():
+    """Numba's workqueue layer (its fallback without OpenMP or TBB) aborts the process when two
+    threads run parallel kernels at once; pairwise_iou must be safe to call from several threads."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import threading
+        import numpy as np
+        import numba
+        from star_edge.kernels.iou import pack_masks, pairwise_iou
+
+        masks = np.random.default_rng(0).random((24, 64, 64)) < 0.5
+        packed = pack_masks(masks)
+        expected = pairwise_iou(packed)
+
+        def work():
+            for _ in range(200):
+                assert np.array_equal(pairwise_iou(packed), expected)
+                pairwise_iou(packed, packed)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        print(numba.threading_layer())
+    """)
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue", "NUMBA_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "workqueue"
