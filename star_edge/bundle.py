@@ -269,8 +269,8 @@ def _parse_manifest(root: Path, manifest: dict[str, Any]) -> Bundle:
     if not isinstance(trained, bool):
         raise BundleError(f"{where}: 'trained' must be true or false, got {trained!r}")
     backends = manifest.get("backends", ["torch"])
-    if not isinstance(backends, list) or not all(b in BACKENDS for b in backends):
-        raise BundleError(f"{where}: 'backends' must be a list drawn from {BACKENDS}, got {backends!r}")
+    if not isinstance(backends, list) or not backends or not all(b in BACKENDS for b in backends):
+        raise BundleError(f"{where}: 'backends' must be a non-empty list drawn from {BACKENDS}, got {backends!r}")
     return Bundle(
         root=root,
         name=str(manifest.get("name", root.name)),

@@ -95,6 +95,7 @@ def test_truncated_and_missing_files_are_named(bundle_dir):
         (lambda m: m["files"].update({"sam//model.safetensors": m["files"]["sam/model.safetensors"]}),
          r"files\['sam//model.safetensors'\] names 'sam/model.safetensors', which files already lists"),
         (lambda m: m.update(backends=["cuda"]), "'backends'"),
+        (lambda m: m.update(backends=[]), "'backends' must be a non-empty list"),
         (lambda m: m.pop("sam"), "'sam' section"),
     ],
 )
