@@ -4,12 +4,14 @@ text and parse outcome, and per-stage timings; JSON (COCO RLE masks) and an over
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from star_edge.answer import Answer
+from star_edge.errors import InvalidInputError
 from star_edge.kernels import rle_encode
 
 _PALETTE = (
@@ -98,7 +100,12 @@ class Result:
         }
 
     def overlay(self, alpha: float = 0.5) -> Image.Image:
-        """The input image with each object's mask tinted, its box, point and label drawn."""
+        """The input image with each object's mask tinted, its box, point and label drawn.
+
+        alpha: the tint's opacity, a number in [0, 1].
+        """
+        if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0.0 <= alpha <= 1.0:
+            raise InvalidInputError(f"alpha must be a number in [0, 1], got {alpha!r}")
         canvas = self.image.astype(np.float32)
         for index, obj in enumerate(self.objects):
             colour = np.array(_PALETTE[index % len(_PALETTE)], dtype=np.float32)

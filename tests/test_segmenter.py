@@ -179,6 +179,9 @@ def test_overlay_is_an_image_of_the_input_size(segmenter, image):
     picture = segmenter.segment(image, "what could I drink from?", samples=1).overlay()
     assert picture.size == (300, 200) and picture.mode == "RGB"
     assert not np.array_equal(np.asarray(picture), image)
+    for alpha in (-0.1, 1.5, float("nan"), "0.5", True):
+        with pytest.raises(InvalidInputError, match="alpha must be a number in"):
+            segmenter.segment(image, "what could I drink from?", samples=1).overlay(alpha)
 
 
 def test_when_every_sample_fails_the_result_is_empty_and_says_why(tmp_path, image):
