@@ -200,12 +200,14 @@ def sam_preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, 
     """(new_height, new_width) of an image resized so its longest side is `long_side`.
 
     As segment_anything's ResizeLongestSide.get_preprocess_shape: scale = long_side / max(H, W),
-    each side `int(side * scale + 0.5)`. Note the (height, width) order, as in segment_anything.
+    each side `int(side * scale + 0.5)`, but at least 1 (segment_anything rounds the short side of
+    an image thinner than 1 : 2 * long_side to 0 and fails). Note the (height, width) order, as in
+    segment_anything.
     """
     width, height = check_size((width, height), "image size")
     long_side = _positive_int(long_side, "long_side")
     scale = long_side * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def original_to_sam(

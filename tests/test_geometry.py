@@ -221,9 +221,15 @@ def test_sam_preprocess_shape_on_concrete_numbers(
 @settings(max_examples=200, deadline=None)
 @given(height=sizes, width=sizes, long_side=st.sampled_from([256, 1024]))
 def test_sam_preprocess_shape_matches_formula(height: int, width: int, long_side: int) -> None:
-    assert geometry.sam_preprocess_shape(height, width, long_side) == sam_reference_shape(
-        height, width, long_side
-    )
+    # segment_anything's formula, except that no side rounds down to 0 (it fails on such images)
+    expected = tuple(max(1, side) for side in sam_reference_shape(height, width, long_side))
+    assert geometry.sam_preprocess_shape(height, width, long_side) == expected
+
+
+def test_a_very_thin_image_keeps_one_row() -> None:
+    assert sam_reference_shape(1, 2049, 1024) == (0, 1024)
+    assert geometry.sam_preprocess_shape(1, 2049, 1024) == (1, 1024)
+    assert geometry.sam_preprocess_shape(3000, 1, 256) == (256, 1)
 
 
 @settings(max_examples=100, deadline=None)
@@ -240,7 +246,7 @@ def test_original_to_sam_matches_segment_anything(
     coordinate = st.floats(-10.0, 6000.0, allow_nan=False)
     points = np.array(data.draw(st.lists(coordinate, min_size=6, max_size=6))).reshape(3, 2)
     boxes = np.array(data.draw(st.lists(coordinate, min_size=8, max_size=8))).reshape(2, 4)
-    expected_shape = transform.get_preprocess_shape(height, width, long_side)
+    expected_shape = tuple(max(1, side) for side in transform.get_preprocess_shape(height, width, long_side))
     assert geometry.sam_preprocess_shape(height, width, long_side) == expected_shape
     expected_points = transform.apply_coords(points, (height, width))
     expected_boxes = transform.apply_boxes(boxes, (height, width))

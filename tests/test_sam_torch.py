@@ -554,6 +554,38 @@ def test_embed_rejects_bad_images(tiny_decoder: MaskDecoder, image: object, reas
         tiny_decoder.embed(image)
 
 
+def test_an_image_thinner_than_one_input_pixel_is_segmented(tiny_decoder: MaskDecoder) -> None:
+    """1 x 600 at image_size 256: segment_anything's resize rounds the height to 0 and fails."""
+    image = natural_image(1, 600, seed=3)
+    embedding = tiny_decoder.embed(image)
+    assert embedding.input_size == (1, tiny_decoder.image_size)
+    masks, scores = tiny_decoder.decode(embedding, boxes=np.array([[10.0, 0.0, 200.0, 1.0]]))
+    assert masks.shape == (1, 1, 600) and np.isfinite(scores).all()
+
+
+def test_overlapping_upsampling_calls_restore_the_blas_threads() -> None:
+    """threadpoolctl's limit restores what it saw on entry: two threads overlapping as A in, B in,
+    A out, B out would leave numpy's BLAS on one thread for good."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from star_edge.sam.masks import _ONE_BLAS_THREAD
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        assert before and min(before) >= 2
+        first, second = _ONE_BLAS_THREAD.hold(), _ONE_BLAS_THREAD.hold()
+        first.__enter__()
+        second.__enter__()
+        assert set(blas_threads()) == {1}
+        first.__exit__(None, None, None)
+        assert set(blas_threads()) == {1}  # B is still inside
+        second.__exit__(None, None, None)
+        assert blas_threads() == before
+
+
 @pytest.fixture(scope="module")
 def small_embedding(tiny_decoder: MaskDecoder) -> ImageEmbedding:
     return tiny_decoder.embed(natural_image(40, 60, seed=0))
@@ -572,6 +604,8 @@ def small_embedding(tiny_decoder: MaskDecoder) -> ImageEmbedding:
         (None, np.array([["1", "2"]]), "real numbers"),
         ([[0, 0, 5, 5]], None, "numpy array"),
         (np.zeros((2, 4)), np.zeros((3, 2)), "same K"),
+        (np.array([[0.0, 0.0, 1e39, 5.0]]), None, "fit float32"),
+        (None, np.array([[5.0, -1e39]]), "fit float32"),
     ],
 )
 def test_decode_rejects_bad_prompts(

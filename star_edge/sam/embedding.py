@@ -12,7 +12,7 @@ class ImageEmbedding:
     """One image encoded by SAM.
 
     features: (1, C, h, w) tensor on the decoder's device, in its compute dtype
-        (C = the decoder width, h = w = image_size / 16).
+        (C = the decoder width, h = w = image_size / the encoder's patch size; 64 for the official models).
     original_size: (H, W) of the image given to `embed`.
     input_size: (h', w') of the resized image inside the image_size x image_size input (SAM 1
         pads it bottom/right; SAM 2 stretches the image to the whole input).

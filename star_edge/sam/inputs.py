@@ -132,6 +132,9 @@ def labelled_points(
             bottom-right, in the order PromptEncoder concatenates them), 2 for a box alone
             (its corners), 2 for a point alone (the point and a padding point at (0, 0)).
         labels: (K, N) int64 (see the module docstring).
+
+    Raises:
+        InvalidInputError: a coordinate beyond float32's range in SAM's frame.
     """
     height, width = original_size
     count = len(boxes) if boxes is not None else len(points)
@@ -146,8 +149,7 @@ def labelled_points(
     if boxes is not None:
         columns.append(original_to_sam(boxes, (width, height), image_size).reshape(count, 2, 2))
         labels += [LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT]
-    coords = np.concatenate(columns, axis=1).astype(np.float32)
-    return coords, np.broadcast_to(np.array(labels, dtype=np.int64), (count, len(labels))).copy()
+    return _float32_coords(columns), np.broadcast_to(np.array(labels, dtype=np.int64), (count, len(labels))).copy()
 
 
 def labelled_points_sam2(
@@ -167,6 +169,9 @@ def labelled_points_sam2(
         coords: (K, N, 2) float32 in the S x S frame (`geometry.original_to_sam2`); N = 4 for
             box + point, 3 for a box alone, 2 for a point alone; the padding point is (0, 0).
         labels: (K, N) int64 (see the module docstring).
+
+    Raises:
+        InvalidInputError: a coordinate beyond float32's range in SAM's frame.
     """
     height, width = original_size
     count = len(boxes) if boxes is not None else len(points)
@@ -180,5 +185,14 @@ def labelled_points_sam2(
         labels.append(LABEL_POSITIVE)
     columns.append(np.zeros((count, 1, 2)))
     labels.append(LABEL_PADDING)
-    coords = np.concatenate(columns, axis=1).astype(np.float32)
-    return coords, np.broadcast_to(np.array(labels, dtype=np.int64), (count, len(labels))).copy()
+    return _float32_coords(columns), np.broadcast_to(np.array(labels, dtype=np.int64), (count, len(labels))).copy()
+
+
+def _float32_coords(columns: list[np.ndarray]) -> np.ndarray:
+    """The prompt columns (K, n_i, 2) float64 joined into (K, N, 2) float32; a coordinate that
+    float32 cannot hold (finite in float64, |x| > 3.4e38) is refused, not turned into infinity."""
+    coords = np.concatenate(columns, axis=1)
+    if np.abs(coords).max(initial=0.0) > np.finfo(np.float32).max:
+        raise InvalidInputError("prompt coordinates must fit float32 in SAM's frame (|x| <= 3.4e38), "
+                                f"got {np.abs(coords).max():.3g}")
+    return coords.astype(np.float32)

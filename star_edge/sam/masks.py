@@ -15,6 +15,9 @@ SAM 2 has no padding and no crop: its logits are resized straight to (H, W) (`st
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -106,6 +109,38 @@ def _blas_controller() -> Any:
     return ThreadpoolController()
 
 
+class _OneBlasThread:
+    """numpy's BLAS on one thread while any caller is inside `hold()`, shared by threads.
+
+    threadpoolctl's limit is process-wide and restores the value it found on entry, so two threads
+    overlapping in plain `limit()` blocks (A in, B in, A out, B out) would leave BLAS on one thread
+    for good. Here the first caller in sets the limit and the last one out restores it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._limiter: Any = None
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._lock:
+            if self._holders == 0:
+                self._limiter = _blas_controller().limit(limits=1, user_api="blas")
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0:
+                    self._limiter.restore_original_limits()
+                    self._limiter = None
+
+
+_ONE_BLAS_THREAD = _OneBlasThread()
+
+
 def bands(matrix: np.ndarray, outputs: int = _BAND_OUTPUTS) -> tuple[tuple[slice, slice], ...]:
     """The nonzero band of a resampling matrix, block by block.
 
@@ -144,7 +179,7 @@ def upsample_masks(
     row_bands, col_bands = bands(rows), bands(cols)
     middle = np.empty((min(step, count), height, cols.shape[1]), dtype=np.float32)
     full = np.empty((min(step, count), height, width), dtype=np.float32)
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    with _ONE_BLAS_THREAD.hold():
         for start in range(0, count, step):
             chunk = np.asarray(cropped[start : start + step], dtype=np.float32)
             size = len(chunk)

@@ -161,7 +161,7 @@ class MaskDecoder:
             upsampling and the returned scores stay float32.
         cache_size: embeddings kept (least recently used dropped first); 0 disables the cache.
         max_batch: prompts decoded together; None picks on CPU (SAM 1 from the embedding size,
-            `PromptDecoder.default_max_batch`: 1 for 64 x 64 x 256 embeddings; SAM 2: 4). On
+            `PromptDecoder.default_max_batch`: 4 for 64 x 64 x 256 embeddings; SAM 2: 4). On
             CUDA None means all prompts in one group.
 
         Raises:
