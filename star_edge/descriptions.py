@@ -50,3 +50,21 @@ def read_description(
         if not isinstance(description.get(key), dict):
             raise BundleError(f"{path}: missing section {key!r}")
     return description
+
+
+def graph_io_names(graph: Any, where: str | Path) -> tuple[list[str], list[str]]:
+    """The input and output names of one graph entry of a description ({"inputs": [{"name": ...},
+    ...], "outputs": [...], ...}); `where` names the description in messages.
+
+    Raises:
+        BundleError: the entry is not an object or lacks well-formed "inputs" / "outputs".
+    """
+    names = []
+    for key in ("inputs", "outputs"):
+        tensors = graph.get(key) if isinstance(graph, dict) else None
+        if not isinstance(tensors, list) or not all(
+                isinstance(tensor, dict) and isinstance(tensor.get("name"), str) for tensor in tensors):
+            raise BundleError(f"{where}: a graph entry lacks {key!r}, a list of {{\"name\": ...}} objects: "
+                              "export the bundle again")
+        names.append([tensor["name"] for tensor in tensors])
+    return names[0], names[1]

@@ -11,6 +11,7 @@ vision attention) whose answers are known, exported with SAM through `export_bun
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -287,6 +288,14 @@ def test_bad_inputs_and_broken_folders(random_qwen3, tmp_path):
                 "max_new_tokens": 4}
     with pytest.raises(BundleError, match="export the bundle again"):
         OnnxReasoner.from_dir(root / "onnx", root / "reasoner", manifest)
+    copy = tmp_path / "copy"  # linked weights are read from ../reasoner: the two folders move together
+    for folder in ("onnx", "reasoner"):
+        shutil.copytree(root / folder, copy / folder)
+    description = json.loads((copy / "onnx" / "reasoner_onnx.json").read_text())
+    del description["vision"]["outputs"]
+    (copy / "onnx" / "reasoner_onnx.json").write_text(json.dumps(description))
+    with pytest.raises(BundleError, match="ONNX description in .*copy/onnx: a graph entry lacks 'outputs'"):
+        OnnxReasoner.from_dir(copy / "onnx", copy / "reasoner")
 
 
 def test_cuda_without_the_cuda_provider_names_the_install(random_qwen3):

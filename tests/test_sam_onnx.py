@@ -187,7 +187,8 @@ def test_bad_inputs_raise_the_same_errors_as_the_torch_backend(
 
 
 @pytest.mark.parametrize("damage", ["no_description", "no_graph", "bad_json", "version", "garbage",
-                                    "no_checkpoint", "other_checkpoint", "escaping_link"])
+                                    "no_checkpoint", "other_checkpoint", "escaping_link", "no_threshold",
+                                    "bad_mean", "no_inputs"])
 def test_broken_folders_name_the_file(bundle: Path, tmp_path: Path, damage: str) -> None:
     folder = shutil.copytree(bundle, tmp_path / "bundle") / "onnx"
     description = folder / DESCRIPTION_FILE
@@ -216,6 +217,21 @@ def test_broken_folders_name_the_file(bundle: Path, tmp_path: Path, damage: str)
         save_file({name: torch.zeros(3, 5) if value.ndim == 2 else value for name, value in tensors.items()},
                   checkpoint)
         expected = r"model\.safetensors: tensor '.*' gives shape \[\d+, \d+\], the graph's initializer"
+    elif damage == "no_threshold":
+        content = json.loads(description.read_text())
+        del content["sam"]["mask_threshold"]
+        description.write_text(json.dumps(content))
+        expected = r"sam_onnx\.json: sam\.mask_threshold is missing or malformed \(None\)"
+    elif damage == "bad_mean":
+        content = json.loads(description.read_text())
+        content["sam"]["pixel_mean"] = [1.0, 2.0]
+        description.write_text(json.dumps(content))
+        expected = r"sam_onnx\.json: sam\.pixel_mean is missing or malformed \(\[1\.0, 2\.0\]\)"
+    elif damage == "no_inputs":
+        content = json.loads(description.read_text())
+        del content["decoders"]["fp32"]["inputs"]
+        description.write_text(json.dumps(content))
+        expected = r"sam_onnx\.json: a graph entry lacks 'inputs'"
     else:
         content = json.loads(description.read_text())
         content["decoders"]["fp32"]["linked"] = {"../../elsewhere.safetensors": {}}

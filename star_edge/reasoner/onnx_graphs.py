@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from star_edge.descriptions import graph_io_names
 from star_edge.errors import BundleError
 from star_edge.onnx_providers import execution_providers
 from star_edge.onnx_weights import onnxruntime_session
@@ -26,8 +27,7 @@ class _Graph:
         if not path.is_file():
             raise BundleError(f"{path} is missing (listed in the ONNX description in {folder})")
         self.session, self._linked = onnxruntime_session(path, graph, providers, threads)
-        self.inputs = [tensor["name"] for tensor in graph["inputs"]]
-        self.outputs = [tensor["name"] for tensor in graph["outputs"]]
+        self.inputs, self.outputs = graph_io_names(graph, f"the ONNX description in {folder}")
         found = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
         if sorted(found[0]) != sorted(self.inputs) or sorted(found[1]) != sorted(self.outputs):
             raise BundleError(f"{path} has inputs/outputs {found}, the description says {(self.inputs, self.outputs)}")

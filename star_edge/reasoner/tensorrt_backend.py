@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from star_edge.descriptions import graph_io_names
 from star_edge.errors import BundleError
-from star_edge.reasoner.onnx_backend import OnnxReasoner, read_description
+from star_edge.reasoner.onnx_backend import DESCRIPTION_FILE, OnnxReasoner, read_description
 from star_edge.tensorrt_runtime import Engine, EngineOpener
 
 #: reasoner_onnx.json section -> graph (engine) name.
@@ -35,8 +36,7 @@ class TensorRTGraphs:
         self._engines = {"vision": vision, "embed": embed, "decoder": decoder}
         graphs = {"vision": description["vision"], "embed": description["embed"],
                   "decoder": description["decoders"]["fp32"]}
-        self._names = {section: ([t["name"] for t in graph["inputs"]], [t["name"] for t in graph["outputs"]])
-                       for section, graph in graphs.items()}
+        self._names = {section: graph_io_names(graph, DESCRIPTION_FILE) for section, graph in graphs.items()}
         for section, engine in self._engines.items():
             inputs, outputs = self._names[section]
             if (sorted(engine.input_names), sorted(engine.output_names)) != (sorted(inputs), sorted(outputs)):

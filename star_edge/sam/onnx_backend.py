@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from star_edge.descriptions import read_description as read_json_description
+from star_edge.descriptions import graph_io_names, read_description as read_json_description
 from star_edge.errors import BundleError, InvalidInputError
 from star_edge.onnx_providers import execution_providers
 from star_edge.onnx_weights import onnxruntime_session
@@ -120,6 +120,39 @@ def _graph_file(folder: Path, graph: dict[str, Any]) -> Path:
     return path
 
 
+_SAM_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "image_size": lambda v: _is_int(v) and v > 0,
+    "embed_dim": lambda v: _is_int(v) and v > 0,
+    "embedding_size": lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v),
+    "low_res_size": lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v),
+    "pixel_mean": lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v),
+    "pixel_std": lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) and x != 0 for x in v),
+    "mask_threshold": lambda v: _is_number(v),
+}
+"""The "sam" section's fields that decoding reads, each with its check."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _checked_sam_section(section: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The description's "sam" section, every field that decoding reads present and well-formed.
+
+    Raises:
+        BundleError: naming the file and the first bad field.
+    """
+    for key, valid in _SAM_FIELDS.items():
+        if not valid(section.get(key)):
+            raise BundleError(f"{path}: sam.{key} is missing or malformed ({section.get(key)!r}): "
+                              "export the bundle again")
+    return section
+
+
 class OnnxMaskDecoder:
     """SAM image encoder + prompt decoder on its exported graphs (`embed` once, `decode` many prompts).
 
@@ -169,7 +202,7 @@ class OnnxMaskDecoder:
             exported = f"{sorted(decoders)} (exported in {self._folder})"
             message = f"decoder_variant must be one of {exported}, got {decoder_variant!r}"
             raise InvalidInputError(message)
-        self._sam = description["sam"]
+        self._sam = _checked_sam_section(description["sam"], self._folder / DESCRIPTION_FILE)
         self._open_session = open_session or onnxruntime_sessions(device, threads)
         self._encoder_graph = description["encoder"]
         _graph_file(self._folder, self._encoder_graph)
@@ -182,7 +215,7 @@ class OnnxMaskDecoder:
         """A session for one described graph and its (input names, output names)."""
         path = _graph_file(self._folder, graph)
         session = self._open_session(path, graph)
-        names = ([t["name"] for t in graph["inputs"]], [t["name"] for t in graph["outputs"]])
+        names = graph_io_names(graph, self._folder / DESCRIPTION_FILE)
         found = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
         if sorted(names[0]) != sorted(found[0]) or sorted(names[1]) != sorted(found[1]):
             raise BundleError(f"{path} has inputs/outputs {found}, the description says {names}")
