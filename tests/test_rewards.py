@@ -10,7 +10,7 @@ import pytest
 import star_edge.train.rewards as rewards_module
 from star_edge.errors import InvalidInputError
 from star_edge.train.rewards import (RewardConfig, Target, box_iou, format_reward, mask_tier, non_repeat_reward,
-                                     pair_terms, score, score_batch)
+                                     pair_terms, read_answer, score, score_answers, score_batch)
 
 #: Identity frame: answers in pixels of a 100 x 100 input on a 100 x 100 image.
 SAME = RewardConfig(frame="pixels", input_size=(100, 100))
@@ -202,6 +202,25 @@ def test_targets_are_capped_at_120_objects():
     boxes = np.array([[i % 90, 0, i % 90 + 5, 5] for i in range(130)])
     goal = Target(boxes=boxes, points=boxes[:, :2] + 2, image_size=(100, 100))
     assert len(goal) == 120
+
+
+def test_targets_whose_boxes_points_and_masks_disagree_are_refused():
+    boxes = np.array([[0, 0, 4, 4], [10, 10, 14, 14]])
+    masks = np.zeros((3, 20, 20), dtype=bool)
+    with pytest.raises(InvalidInputError, match="n = 2, one per box"):
+        Target(boxes=boxes, points=boxes[:, :2], masks=masks)  # a third mask was dropped silently
+    many = np.array([[i % 90, 0, i % 90 + 5, 5] for i in range(130)])
+    with pytest.raises(InvalidInputError, match="130 boxes, 125 points"):
+        Target(boxes=many, points=many[:125, :2], image_size=(100, 100))  # both cut to 120 first
+
+
+def test_mask_ious_must_fit_the_answer_and_target():
+    text = answer(EXACT_B)
+    read = read_answer(text, (100, 100), SAME)
+    for ious in (np.array([[np.nan, 0.5]]), np.array([[1.5, 0.0]]), np.array([[0.9]])):
+        with pytest.raises(InvalidInputError, match=r"mask IoUs must be \(1, 2\) values in \[0, 1\]"):
+            score_answers([text], [read], [TWO], [ious], stage=2, config=SAME)
+    assert score_answers([text], [read], [TWO], [np.array([[0.0, 0.95]])], stage=2, config=SAME)[0].accuracy == 5
 
 
 def test_batch_scoring_matches_single_scores_with_one_hungarian_call(monkeypatch):

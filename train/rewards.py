@@ -93,7 +93,8 @@ class Target:
 
     boxes: (n, 4) x1, y1, x2, y2, inclusive; points: (n, 2) x, y; masks: (n, H, W) bool or None;
     image_size: (W, H) of the original image (defaults to the masks' size; required without masks).
-    n = 0 means "no target". Arrays are stored as float64 / bool copies, truncated to 120 objects.
+    n = 0 means "no target"; boxes, points and masks must agree on n. Arrays are stored as float64 / bool
+    copies, truncated to 120 objects.
     """
 
     boxes: np.ndarray
@@ -102,18 +103,20 @@ class Target:
     image_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)[:MAX_OBJECTS].copy()
-        points = np.asarray(self.points, dtype=np.float64).reshape(-1, 2)[:MAX_OBJECTS].copy()
+        boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
+        points = np.asarray(self.points, dtype=np.float64).reshape(-1, 2)
         if len(boxes) != len(points):
             raise InvalidInputError(f"a target needs one point per box, got {len(boxes)} boxes, {len(points)} points")
+        count = len(boxes)
+        boxes, points = boxes[:MAX_OBJECTS].copy(), points[:MAX_OBJECTS].copy()
         if not (np.isfinite(boxes).all() and np.isfinite(points).all()):
             raise InvalidInputError("target boxes and points must be finite")
         masks = self.masks
         size = self.image_size
         if masks is not None:
             masks = np.asarray(masks)
-            if masks.ndim != 3 or masks.dtype != np.bool_ or len(masks) < len(boxes):
-                raise InvalidInputError(f"target masks must be (n, H, W) bool with n = {len(boxes)}, "
+            if masks.ndim != 3 or masks.dtype != np.bool_ or len(masks) != count:
+                raise InvalidInputError(f"target masks must be (n, H, W) bool with n = {count}, one per box, "
                                         f"got {masks.shape} {masks.dtype}")
             masks = masks[: len(boxes)]
             size = (masks.shape[2], masks.shape[1]) if size is None else size
@@ -349,8 +352,11 @@ def score_answers(
     """Rewards of rollouts already read (`read_answer`), with their mask IoUs; one batched Hungarian
     call for all of them.
 
-    ious: per rollout (n_pred, n_target) IoU of its predicted masks with the target's masks, or None
-    (no mask terms; stage 2 then raises InvalidInputError).
+    ious: per rollout (n_pred, n_target) IoU in [0, 1] of its predicted masks with the target's masks,
+    or None (no mask terms; stage 2 then raises InvalidInputError).
+
+    Raises:
+        InvalidInputError: a stage other than 1 or 2; IoUs of another shape, outside [0, 1] or NaN.
     """
     if stage not in STAGES:
         raise InvalidInputError(f"stage must be 1 or 2, got {stage!r}")
@@ -362,6 +368,12 @@ def score_answers(
             continue
         if stage == 2 and iou is None:
             raise InvalidInputError(f"rollout {i}: stage 2 scores masks, and it has none (target or predicted)")
+        if iou is not None:
+            iou = np.asarray(iou, dtype=np.float64)
+            expected = (len(answer.objects), len(target))
+            if iou.shape != expected or not np.all((iou >= 0.0) & (iou <= 1.0)):
+                raise InvalidInputError(f"rollout {i}: mask IoUs must be {expected} values in [0, 1] (answered "
+                                        f"objects x target objects), got shape {iou.shape}")
         terms = pair_terms(answer.boxes, answer.points, target, iou)
         terms_per_rollout.append(terms)
         matrices.append(terms["mask"] if stage == 2 else sum(terms[name] for name in TERMS))
