@@ -198,6 +198,23 @@ def test_top_p_keeps_the_tokens_hf_top_p_warper_keeps():
     assert torch.equal(ours, theirs)
 
 
+def test_the_nucleus_of_a_flat_tail_matches_hf_and_top_p_one_keeps_every_token():
+    """Half the mass on one token, the rest spread over 151,935 (a Qwen vocabulary): a float32
+    running sum drifted ~470 tokens past the nucleus HF keeps, and at top_p = 1 dropped the last
+    hundreds."""
+    size = 151_936
+    logits = np.zeros((1, size), dtype=np.float32)
+    logits[0, 0] = np.log(size)
+    theirs = torch.isfinite(TopPLogitsWarper(top_p=0.9)(torch.zeros(1, 1, dtype=torch.long),
+                                                         torch.from_numpy(logits.copy())))
+    probs = decoding.softmax(logits, 1.0)[0]
+    tokens, cumulative = decoding.row_nucleus(probs, 0.9)
+    assert abs(len(tokens) - int(theirs.sum())) <= 1  # rounding at the boundary
+    assert cumulative[-1] - probs[tokens[-1]] < 0.9 <= cumulative[-1]
+    everything, _ = decoding.row_nucleus(probs, 1.0)
+    assert len(everything) == size
+
+
 def test_the_nucleus_ranks_ties_by_token_id():
     probs = np.full(300, 1 / 300, dtype=np.float32)
     tokens, cumulative = decoding.row_nucleus(probs, 0.5)

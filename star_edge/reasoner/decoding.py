@@ -7,9 +7,11 @@ same tokens from the same logits (DESIGN.md section 11):
 - the rows start from one prompt; after each token, rows that emitted an end token (or reached
   max_new_tokens) leave the batch, and an optional hook sees them and may stop the rest;
 - greedy: argmax (the first maximal id on ties);
-- sampling, per row and step, in float32:
-      p = softmax(logits / temperature); rank p descending (stable: ties keep the lower id first);
-      keep the ranked prefix whose mass *before* each token is < top_p (the top token always stays);
+- sampling, per row and step:
+      p = softmax(logits / temperature) in float32; rank p descending (stable: ties keep the lower
+      id first); keep the ranked prefix whose mass *before* each token (summed in float64: a float32
+      running sum drifts by hundreds of tokens over a flat tail of 150k) is < top_p (the top token
+      always stays; top_p = 1 keeps every token);
       draw u ~ U[0, 1) from the row's stream; take the first kept token whose cumulative mass
       exceeds u * (kept mass).
   This keeps the tokens Hugging Face's `TopPLogitsWarper` keeps up to rounding at the boundary;
@@ -95,10 +97,10 @@ def row_nucleus(probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray
 
     Returns:
         tokens (k,) int64: the nucleus by descending probability (ties: lower id first);
-        cumulative (k,) float32: the probability mass up to and including each of them.
+        cumulative (k,) float64: the probability mass up to and including each of them.
     """
     size = probs.shape[0]
-    count = min(size, _FIRST_CANDIDATES)
+    count = size if top_p >= 1.0 else min(size, _FIRST_CANDIDATES)
     while True:
         if count >= size:
             candidates = np.arange(size)
@@ -107,8 +109,8 @@ def row_nucleus(probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray
             candidates = np.flatnonzero(probs >= threshold)
         order = candidates[np.argsort(-probs[candidates], kind="stable")]
         ranked = probs[order]
-        cumulative = np.cumsum(ranked, dtype=np.float32)
-        kept = int(np.count_nonzero(cumulative - ranked < np.float32(top_p)))
+        cumulative = np.cumsum(ranked, dtype=np.float64)
+        kept = order.shape[0] if top_p >= 1.0 else int(np.count_nonzero(cumulative - ranked < top_p))
         if kept < order.shape[0] or order.shape[0] == size:
             kept = max(kept, 1)
             return order[:kept].astype(np.int64), cumulative[:kept]
