@@ -28,7 +28,7 @@ from star_edge.bundle import Bundle
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
 from star_edge.export.bundle_writer import check_out_folder, write_manifest
 from star_edge.reasoner.torch_backend import FAMILIES, quiet_transformers
-from star_edge.sam.checkpoints import read_sam_config
+from star_edge.sam.checkpoints import check_sam_dir
 
 #: Files a base checkpoint must have besides its weights (the bundle's reasoner needs them).
 REQUIRED_BASE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
@@ -164,7 +164,7 @@ def _apply_adapter(model: PreTrainedModel, adapter: Path) -> torch.nn.Module:
             str(adapter), adapter_name="default", torch_device=str(model.device), key_mapping=LEGACY_KEY_MAPPING
         )
     except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise BundleError(f"cannot apply the LoRA adapter {adapter}: {err}") from err
+        raise BundleError(f"cannot apply the LoRA adapter {adapter}: {_first_line(err)}") from err
     unplaced = [key for key in result.unexpected_keys if "lora_" in key]
     if result.missing_keys or unplaced:
         names = (result.missing_keys + unplaced)[:3]
@@ -175,13 +175,26 @@ def _apply_adapter(model: PreTrainedModel, adapter: Path) -> torch.nn.Module:
     return wrapped
 
 
+def _first_line(error: Exception) -> str:
+    """An exception's message cut to one line: torch's size-mismatch report lists every tensor (hundreds
+    of lines for a 7B adapter on the wrong base); the first two tensors it names say enough."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    mismatches = [line for line in lines if line.startswith("size mismatch")]
+    shown = mismatches[:2] if mismatches else lines[:1]
+    more = len(mismatches) - len(shown) if mismatches else len(lines) - 1
+    return " ".join(shown) + (f" (and {more} more)" if more > 0 else "")
+
+
 def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | torch.dtype = "auto") -> MergeReport:
     """Merge a peft LoRA adapter into its base checkpoint and write the result to `out`.
 
     Args:
         base: the base checkpoint folder (config.json, *.safetensors, tokenizer and processor files).
         adapter: the adapter folder (adapter_config.json, adapter_model.safetensors).
-        out: where the merged checkpoint goes (created; files of the same names are replaced).
+        out: where the merged checkpoint goes: written as OUT.partial beside it, then put in its
+            place (an older folder there is replaced whole, so none of its files outlive it).
         dtype: weights dtype for loading, merging and writing; "auto" keeps the checkpoint's.
 
     Returns:
@@ -208,7 +221,10 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: st
     wrapped = _apply_adapter(model, adapter)
     lora_modules = sum(1 for name, _ in wrapped.named_modules() if name.endswith("lora_A"))
     unmerged = _probe_logits(wrapped, probe)
-    merged_model = wrapped.merge_and_unload()
+    try:
+        merged_model = wrapped.merge_and_unload()
+    except (ValueError, RuntimeError) as err:
+        raise BundleError(f"cannot merge the LoRA adapter {adapter}: {_first_line(err)}") from err
     merged = _probe_logits(merged_model, probe)
     scale = float(unmerged.abs().max())
     report = MergeReport(
@@ -225,10 +241,16 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, dtype: st
             f"merging {adapter} changed the model's outputs: max |merged - unmerged| = {report.max_abs_diff:.3g} "
             f"on logits up to {scale:.3g} (tolerance {tolerance:g} relative)"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    fresh = out.with_name(out.name + ".partial")
+    if fresh.exists():
+        shutil.rmtree(fresh)
+    fresh.mkdir(parents=True)
     with quiet_transformers():
-        merged_model.save_pretrained(out)
-    copy_processor_files(base, out)
+        merged_model.save_pretrained(fresh)
+    copy_processor_files(base, fresh)
+    if out.exists():
+        shutil.rmtree(out)
+    fresh.rename(out)
     return report
 
 
@@ -240,34 +262,48 @@ def copy_processor_files(base: Path, out: Path) -> None:
             shutil.copyfile(source, out / source.name)
 
 
+def check_sam_source(sam: Path) -> None:
+    """`--sam` before anything is written: a sam/ folder that passes `check_sam_dir` (config and
+    weights header), or an existing official .pth / .pt file.
+
+    Raises:
+        BundleError: a missing path, a broken folder or another kind of file, naming it.
+    """
+    if not sam.exists():
+        raise BundleError(f"--sam {sam} does not exist (expected a sam/ folder, an official SAM .pth or a "
+                          "SAM 2.1 .pt file)")
+    if sam.is_dir():
+        check_sam_dir(sam)
+    elif not (sam.is_file() and sam.suffix in (".pth", ".pt")):
+        raise BundleError(f"--sam must be a sam/ folder (config.json + model.safetensors) or an official SAM .pth / "
+                          f"SAM 2.1 .pt file: {sam}")
+
+
 def _sam_section(sam: Path, out: Path) -> dict:
     """Put the SAM model into `out` (a bundle's sam/ folder) and return the manifest's sam section.
 
-    `sam` is a bundle's sam/ folder (config.json + model.safetensors: copied) or an official SAM 1
-    .pth / SAM 2.1 .pt checkpoint (converted by `star_edge.export.sam_checkpoints.import_official_sam`).
+    `sam` is a bundle's sam/ folder (config.json + model.safetensors: checked and copied; left as
+    it is when it is `out` itself) or an official SAM 1 .pth / SAM 2.1 .pt checkpoint (converted by
+    `star_edge.export.sam_checkpoints.import_official_sam`).
     """
+    check_sam_source(sam)
     if sam.is_dir():
-        config = read_sam_config(sam)
-        if not (sam / "model.safetensors").is_file():
-            raise BundleError(f"SAM folder {sam} lacks model.safetensors")
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        for name in ("config.json", "model.safetensors"):
-            shutil.copyfile(sam / name, out / name)
+        config = check_sam_dir(sam)
+        if sam.resolve() != out.resolve():
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            for name in ("config.json", "model.safetensors"):
+                shutil.copyfile(sam / name, out / name)
         return {"kind": config["kind"], "variant": config["variant"], "path": "sam", "image_size": config["image_size"]}
-    if sam.suffix in (".pth", ".pt") and sam.is_file():
-        try:
-            from star_edge.export.sam_checkpoints import import_official_sam
-        except ImportError as err:
-            raise BundleError(
-                f"converting the official SAM checkpoint {sam} needs star_edge.export.sam_checkpoints, which "
-                "this build lacks; pass a bundle's sam/ folder instead"
-            ) from err
-        return {**import_official_sam(sam, out), "path": "sam"}
-    raise BundleError(
-        f"--sam must be a sam/ folder (config.json + model.safetensors) or an official SAM .pth / SAM 2.1 .pt file: {sam}"
-    )
+    try:
+        from star_edge.export.sam_checkpoints import import_official_sam
+    except ImportError as err:
+        raise BundleError(
+            f"converting the official SAM checkpoint {sam} needs star_edge.export.sam_checkpoints, which "
+            "this build lacks; pass a bundle's sam/ folder instead"
+        ) from err
+    return {**import_official_sam(sam, out), "path": "sam"}
 
 
 def write_merged_bundle(
@@ -309,6 +345,7 @@ def write_merged_bundle(
         raise InvalidInputError(f"input size must be a positive multiple of {factor} for {family}, got {side!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise InvalidInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    check_sam_source(sam)  # before the merge, which takes minutes for a 7B model
     report = merge_lora(base, adapter, out / "reasoner", dtype=dtype)
     sam_section = _sam_section(sam, out / "sam")
     reasoner_section = {

@@ -128,6 +128,27 @@ def test_adapters_that_do_not_fit_or_are_missing_are_refused(checkpoints, tmp_pa
         merge_lora(no_tokenizer, adapter, tmp_path / "out")
 
 
+def test_an_adapter_of_another_width_or_that_cannot_merge_is_refused_in_one_line(checkpoints, tmp_path):
+    base, adapter, _ = checkpoints["qwen3_vl"]
+    narrow = tmp_path / "narrow"
+    narrow.mkdir()
+    shutil.copyfile(adapter / "adapter_config.json", narrow / "adapter_config.json")
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({key: value[:, :-8].contiguous() if "lora_A" in key else value for key, value in tensors.items()},
+              narrow / "adapter_model.safetensors")
+    with pytest.raises(BundleError) as refused:
+        merge_lora(base, narrow, tmp_path / "out")
+    message = str(refused.value)
+    assert "\n" not in message and "size mismatch" in message and "more)" in message, message
+    biased = tmp_path / "biased"
+    model = FAMILIES["qwen3_vl"][0].from_pretrained(base)
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_LINEARS, lora_bias=True)
+                   ).save_pretrained(biased)
+    with pytest.raises(BundleError, match=r"cannot merge the LoRA adapter .*biased"):
+        merge_lora(base, biased, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def sam_folder(tmp_path_factory) -> Path:
     bundle = make_tiny_bundle(tmp_path_factory.mktemp("sam_source") / "bundle", seed=0, family="qwen3_vl")
@@ -175,3 +196,30 @@ def test_export_defaults_and_errors(checkpoints, sam_folder, tmp_path, monkeypat
             result = CliRunner().invoke(app, ["export", "--out", str(out), *source])
             assert result.exit_code == 2, result.output
             assert f"cannot write the bundle folder {out}: {a_file} is a file" in result.stderr
+
+
+def test_exporting_again_into_a_bundle_keeps_its_sam_and_none_of_its_old_files(checkpoints, sam_folder, tmp_path):
+    base, adapter, _ = checkpoints["qwen3_vl"]
+    out = tmp_path / "bundle"
+    write_merged_bundle(base, adapter, out, sam_folder, input_size=256)
+    for stale in ("chat_template.json", "model.safetensors.index.json"):  # as an older bundle might hold
+        (out / "reasoner" / stale).write_text("{}")
+    sam_weights = (out / "sam" / "model.safetensors").read_bytes()
+    bundle, _ = write_merged_bundle(base, adapter, out, out / "sam", input_size=256)  # --sam OUT/sam
+    assert (out / "sam" / "model.safetensors").read_bytes() == sam_weights
+    assert not any(name.endswith(("chat_template.json", ".index.json")) for name in bundle.files)
+    assert not (out / "reasoner" / "chat_template.json").exists()
+    with Segmenter.from_pretrained(out) as segmenter:
+        assert len(segmenter.segment(np.zeros((32, 48, 3), np.uint8), QUERY, samples=1).samples) == 1
+
+
+def test_a_bad_sam_source_is_refused_before_the_merge_writes_anything(checkpoints, sam_folder, tmp_path):
+    base, adapter, _ = checkpoints["qwen3_vl"]
+    with pytest.raises(BundleError, match=r"--sam .*sam_vit_h\.pth does not exist"):
+        write_merged_bundle(base, adapter, tmp_path / "a", tmp_path / "sam_vit_h.pth")
+    truncated = shutil.copytree(sam_folder, tmp_path / "truncated")
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(BundleError, match="model.safetensors"):
+        write_merged_bundle(base, adapter, tmp_path / "b", truncated)
+    assert not (tmp_path / "a" / "reasoner").exists() and not (tmp_path / "b" / "reasoner").exists()
