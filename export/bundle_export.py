@@ -38,7 +38,10 @@ _WRITTEN_KEYS = ("format", "format_version", "name", "trained", "reasoner", "sam
 
 
 def _copy_listed_files(source: Bundle, out: Path, say: Callable[[str], None]) -> None:
-    """Copy every file the source manifest lists into `out`, skipping those already equal."""
+    """Copy every file the source manifest lists into `out`, skipping those already equal, and
+    remove the files in out's reasoner and SAM folders that the source does not list (left by an
+    older bundle there, they would be hashed into the new manifest: a stale chat template or shard
+    index read in place of the source's)."""
     copied = 0
     for relative, entry in source.files.items():
         target = out / relative
@@ -49,6 +52,11 @@ def _copy_listed_files(source: Bundle, out: Path, say: Callable[[str], None]) ->
         copied += 1
     if copied:
         say(f"copied {copied} files of {source.name}")
+    for folder in (source.reasoner.path, source.sam.path):
+        for file in sorted((out / folder).rglob("*")):
+            if (file.is_file() or file.is_symlink()) and file.relative_to(out).as_posix() not in source.files:
+                file.unlink()
+                say(f"removed {file.relative_to(out).as_posix()}, which {source.name} does not list")
 
 
 def onnx_fingerprint(bundle: Bundle, variants: tuple[str, ...]) -> str:

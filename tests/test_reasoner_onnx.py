@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from star_edge.bundle import load_bundle
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
 from star_edge.export.bundle_export import export_bundle
 from star_edge.export.reasoner_onnx import TOLERANCE, export_reasoner_onnx
@@ -306,3 +307,17 @@ def test_cuda_without_the_cuda_provider_names_the_install(random_qwen3):
         pytest.skip("this onnxruntime has the CUDA provider")
     with pytest.raises(BackendUnavailableError, match="onnxruntime-gpu"):
         OnnxReasoner.from_dir(root / "onnx", root / "reasoner", device="cuda")
+
+
+def test_exporting_into_an_older_bundle_drops_the_files_the_source_does_not_list(scripted_qwen25, tmp_path):
+    out = tmp_path / "copy"
+    export_bundle(scripted_qwen25, out)
+    stale = [out / "reasoner" / "chat_template.json", out / "sam" / "notes" / "old.txt"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    lines = []
+    bundle = export_bundle(scripted_qwen25, out, progress=lines.append)
+    assert not any(path.exists() for path in stale)
+    assert "removed reasoner/chat_template.json, which" in " ".join(lines)
+    assert set(bundle.files) == set(load_bundle(scripted_qwen25).files)
