@@ -395,11 +395,12 @@ def bench(
 ) -> None:
     """Time every stage of `segment` (p50 / p95 in ms) for a bundle."""
     with _reported_errors(debug):
-        from star_edge.bench import STAGES, bench_image, parse_sample_counts, run_bench
+        from star_edge.bench import STAGES, WARMUP_CALLS, bench_image, check_repeat, parse_sample_counts, run_bench
         from star_edge.images import load_image, validate_query
         from star_edge.segmenter import Segmenter
 
         counts = parse_sample_counts(samples)
+        check_repeat(repeat)
         _check_output(json_path, "--json", image)
         pixels = load_image(image) if image is not None else bench_image()
         query = validate_query(query)
@@ -413,13 +414,48 @@ def bench(
         for stage in STAGES:
             table.add_row(stage, *(f"{row.p50[stage]:.0f} / {row.p95[stage]:.0f}" for row in rows))
         console.print(table)
-        console.print(f"backend {segmenter.backend}, device {device}", highlight=False)
+        machine = _bench_machine(device)
+        console.print(f"backend {segmenter.backend}, device {machine['device_name']}, torch threads "
+                      f"{machine['torch_threads']}; SAM's embedding cache emptied before each call"
+                      + ("; p95 of fewer than 20 calls is close to the slowest" if repeat < 20 else ""),
+                      highlight=False)
         if json_path is not None:
             payload = {"bundle": segmenter.bundle.name, "backend": segmenter.backend, "device": device, "query": query,
                        "image_size": [int(pixels.shape[1]), int(pixels.shape[0])], "adaptive": adaptive,
-                       "rows": [row.to_json() for row in rows]}
+                       "units": "ms, wall clock", "warmup_calls": WARMUP_CALLS,
+                       "percentiles": "numpy linear interpolation over the timed calls",
+                       "sam_embedding_cache": "emptied before every timed call",
+                       "machine": machine, "rows": [row.to_json() for row in rows]}
             _write_file(json_path, lambda p: p.write_text(json.dumps(payload, indent=2) + "\n"))
             console.print(f"wrote {json_path}")
+
+
+def _bench_machine(device: str) -> dict[str, object]:
+    """What a latency table needs beside its numbers: versions, the processor or GPU, threads."""
+    import os
+    import platform
+
+    import numpy as np
+
+    processor = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text(errors="replace").splitlines()
+                 if line.startswith("model name")]
+        processor = names[0] if names else processor
+    machine: dict[str, object] = {"star_edge": __version__, "python": sys.version.split()[0],
+                                  "numpy": np.__version__, "platform": platform.platform(), "processor": processor,
+                                  "cpu_count": os.cpu_count(), "device_name": device, "torch_threads": None}
+    for module in ("torch", "onnxruntime", "transformers"):
+        if module in sys.modules:
+            machine[module] = getattr(sys.modules[module], "__version__", None)
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        machine["torch_threads"] = torch.get_num_threads()
+        if device.startswith("cuda") and torch.cuda.is_available():
+            machine["device_name"] = torch.cuda.get_device_name(torch.device(device))
+            machine["cuda"] = torch.version.cuda
+    return machine
 
 
 def _runtime_table() -> Table:

@@ -60,6 +60,10 @@ class MaskDecoderBackend(Protocol):
         self, embedding: Any, boxes: np.ndarray | None, points: np.ndarray | None, multimask: bool = True
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
+    @property
+    def cache(self) -> Any:
+        """The embedding cache (`star_edge.sam.cache.EmbeddingCache`: hits, misses, clear)."""
+
 
 class Segmenter:
     """Reasoning segmentation with one loaded bundle.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 
 import numpy as np
 import pytest
@@ -265,3 +266,22 @@ def test_a_finished_hook_sees_rows_as_they_end_and_can_stop_the_rest(ending):
     assert stopped.rows == [row for row, _ in seen[0]] and len(stopped.rows) < 8
     assert stopped.texts == [by_row[row] for row in stopped.rows]
     assert stopped.token_counts["generated"] < everything.token_counts["generated"]
+
+
+def test_decode_time_leaves_out_the_time_spent_in_the_hook():
+    """Adaptive stopping parses, decodes SAM and votes inside the hook, and times that itself."""
+    vocabulary, end = 8, 7
+
+    def step(tokens, kept):
+        logits = np.zeros((len(tokens), vocabulary), dtype=np.float32)
+        logits[:, end] = 10.0
+        return logits
+
+    def slow_hook(finished):
+        time.sleep(0.2)
+        return False
+
+    first = np.zeros(vocabulary, dtype=np.float32)
+    decoded = decoding.decode_rows(first, step, range(2), seed=0, eos_token_ids=[end], max_new_tokens=4,
+                                   greedy=True, on_finished=slow_hook)
+    assert decoded.finished == [True, True] and decoded.decode_ms < 100

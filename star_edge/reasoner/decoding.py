@@ -159,7 +159,8 @@ class Decoded:
         token_ids: per requested row, the generated ids up to and including its end token (when one
             came before max_new_tokens); partial for rows stopped by the hook.
         finished: per requested row, whether it completed (end token or max_new_tokens).
-        decode_ms: wall time of the decoding loop, cache copies and hook calls included (ms).
+        decode_ms: wall time of the decoding loop and cache copies (ms); the hook's calls are not
+            counted (what the hook does, e.g. SAM decoding and voting, is timed by its owner).
         steps: forward passes run (batched steps; the first token comes from the prefill's logits).
     """
 
@@ -216,6 +217,7 @@ def decode_rows(
     logits = np.broadcast_to(first, (count, first.shape[1]))
     kept: np.ndarray | None = None
     steps = 0
+    in_hook = 0.0
     for position in range(max_new_tokens):
         if greedy:
             tokens = logits.argmax(axis=-1).astype(np.int64)
@@ -229,8 +231,11 @@ def decode_rows(
             if token in end_ids or last_step:
                 finished.add(batch_row)
                 completed[active[batch_row]] = True
-        stop = bool(finished) and on_finished is not None and on_finished(
-            [(active[b], results[active[b]]) for b in sorted(finished)])
+        stop = False
+        if finished and on_finished is not None:
+            hook_started = time.perf_counter()
+            stop = bool(on_finished([(active[b], results[active[b]]) for b in sorted(finished)]))
+            in_hook += time.perf_counter() - hook_started
         if stop or len(finished) == len(active):
             break
         if finished:
@@ -241,7 +246,7 @@ def decode_rows(
         logits = step(tokens, kept)
         kept = None
         steps += 1
-    return Decoded(results, completed, (time.perf_counter() - start) * 1e3, steps)
+    return Decoded(results, completed, (time.perf_counter() - start - in_hook) * 1e3, steps)
 
 
 def checked_rows(rows: Sequence[int]) -> list[int]:

@@ -243,6 +243,9 @@ class MaskDecoder:
         bottom/right to image_size x image_size. SAM 2: stretched to image_size x image_size
         (bilinear, antialiased, as torchvision resizes tensors), normalised with its mean/std.
 
+        On CUDA it returns once the features are computed (it synchronises), so the time it takes
+        is the encoder's, not its kernel launches'.
+
         Raises:
             InvalidInputError: not an (H, W, 3) uint8 array.
         """
@@ -251,7 +254,10 @@ class MaskDecoder:
 
     @torch.inference_mode()
     def _embed(self, image: np.ndarray) -> ImageEmbedding:
-        return self._runner.embed(image, self._device)
+        embedding = self._runner.embed(image, self._device)
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        return embedding
 
     @torch.inference_mode()
     def decode(
