@@ -43,6 +43,14 @@ def _write_adapter(base: Path, directory: Path, target_modules: str, seed: int) 
     wrapped.save_pretrained(directory)
 
 
+def _rewritten_adapter(adapter: Path, folder: Path, rewrite) -> Path:
+    """A copy of `adapter` in `folder` whose tensors went through rewrite(dict) -> dict."""
+    folder.mkdir()
+    shutil.copyfile(adapter / "adapter_config.json", folder / "adapter_config.json")
+    save_file(rewrite(load_file(adapter / "adapter_model.safetensors")), folder / "adapter_model.safetensors")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, Path, dict]]:
     """family -> (base folder, adapter folder, base manifest section)."""
@@ -90,13 +98,10 @@ def test_adapters_on_the_vision_tower_merge_too(checkpoints, tmp_path):
 
 def test_adapters_in_the_pre_4_52_layout_are_renamed(checkpoints, tmp_path):
     base, adapter, _ = checkpoints["qwen2_5_vl"]
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    shutil.copyfile(adapter / "adapter_config.json", legacy / "adapter_config.json")
-    tensors = load_file(adapter / "adapter_model.safetensors")
-    renamed = {key.replace("model.language_model.", "model."): value for key, value in tensors.items()}
-    assert renamed.keys() != tensors.keys()
-    save_file(renamed, legacy / "adapter_model.safetensors")
+    legacy = _rewritten_adapter(adapter, tmp_path / "legacy", lambda tensors: {
+        key.replace("model.language_model.", "model."): value for key, value in tensors.items()})
+    assert load_file(legacy / "adapter_model.safetensors").keys() != load_file(
+        adapter / "adapter_model.safetensors").keys()
     merge_lora(base, adapter, tmp_path / "new")
     merge_lora(base, legacy, tmp_path / "old")
     new, old = load_file(tmp_path / "new" / "model.safetensors"), load_file(tmp_path / "old" / "model.safetensors")
@@ -105,12 +110,8 @@ def test_adapters_in_the_pre_4_52_layout_are_renamed(checkpoints, tmp_path):
 
 def test_adapters_that_do_not_fit_or_are_missing_are_refused(checkpoints, tmp_path):
     base, adapter, _ = checkpoints["qwen3_vl"]
-    misfit = tmp_path / "misfit"
-    misfit.mkdir()
-    shutil.copyfile(adapter / "adapter_config.json", misfit / "adapter_config.json")
-    tensors = load_file(adapter / "adapter_model.safetensors")
-    save_file({key.replace(".layers.", ".blocks."): value for key, value in tensors.items()},
-              misfit / "adapter_model.safetensors")
+    misfit = _rewritten_adapter(adapter, tmp_path / "misfit", lambda tensors: {
+        key.replace(".layers.", ".blocks."): value for key, value in tensors.items()})
     with pytest.raises(BundleError, match="does not fit the base model"):
         merge_lora(base, misfit, tmp_path / "out")
     pickled = tmp_path / "pickled"
@@ -130,12 +131,8 @@ def test_adapters_that_do_not_fit_or_are_missing_are_refused(checkpoints, tmp_pa
 
 def test_an_adapter_of_another_width_or_that_cannot_merge_is_refused_in_one_line(checkpoints, tmp_path):
     base, adapter, _ = checkpoints["qwen3_vl"]
-    narrow = tmp_path / "narrow"
-    narrow.mkdir()
-    shutil.copyfile(adapter / "adapter_config.json", narrow / "adapter_config.json")
-    tensors = load_file(adapter / "adapter_model.safetensors")
-    save_file({key: value[:, :-8].contiguous() if "lora_A" in key else value for key, value in tensors.items()},
-              narrow / "adapter_model.safetensors")
+    narrow = _rewritten_adapter(adapter, tmp_path / "narrow", lambda tensors: {
+        key: value[:, :-8].contiguous() if "lora_A" in key else value for key, value in tensors.items()})
     with pytest.raises(BundleError) as refused:
         merge_lora(base, narrow, tmp_path / "out")
     message = str(refused.value)
