@@ -11,10 +11,11 @@ exported bundle). Backends:
 
 Stages (medians over --repeat rounds, the backends interleaved in every round so background load
 hits them alike): vision (the reasoner's vision tower), prefill (the language model reading the
-prompt, vision excluded), decode per token at batch 1 and at batch 8 (--tokens tokens, end token
-disabled so every row decodes all of them), SAM embed (cache cleared), SAM decode (8 prompts), and
-end to end `Segmenter.segment(samples=8)` (its rows also decode --tokens tokens; with the end token
-disabled the answers do not parse, so end to end is the reasoner plus SAM's image encoder).
+prompt, vision excluded), decode per forward pass at batch 1 and at batch 8 (--tokens tokens, end
+token disabled so every row decodes all of them: --tokens - 1 passes, the first token comes from the
+prefill), SAM embed (cache cleared), SAM decode (8 prompts), and end to end
+`Segmenter.segment(samples=8)` (cache cleared; its rows also decode --tokens tokens; with the end
+token disabled the answers do not parse, so end to end is the reasoner plus SAM's image encoder).
 
 Accuracy of int8 against fp32 on this model: greedy token agreement on the probe prompts, and the
 max |logit difference| of the prefill relative to the largest logit. (gIoU on the synthetic test
@@ -86,7 +87,7 @@ def measure_round(name: str, reasoner: object, decoder: object, image: np.ndarra
     timings = {"vision": prepared.timings["vision"], "prefill": prepared.timings["prefill"]}
     for rows in (1, 8):
         decoded = reasoner.sample(prepared, range(rows), seed=0)
-        timings[f"decode_token_b{rows}"] = decoded.timings["decode"] / tokens
+        timings[f"decode_token_b{rows}"] = decoded.timings["decode"] / (tokens - 1)
     decoder.cache.clear()
     begin = time.perf_counter()
     embedding = decoder.embed(image)
@@ -115,10 +116,12 @@ def int8_accuracy(fp32: OnnxReasoner, int8: OnnxReasoner, images: list[Image.Ima
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=16, help="new tokens per row in the decode stages")
+    parser.add_argument("--tokens", type=int, default=16, help="new tokens per row in the decode stages (>= 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     parser.add_argument("--bundle", type=Path, default=None, help="an exported bundle (default: export the demo one)")
     args = parser.parse_args()
+    if args.tokens < 2:
+        parser.error("--tokens must be at least 2 (the first token comes from the prefill)")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
@@ -148,6 +151,7 @@ def main() -> None:
             order = BACKENDS[round_index % 3:] + BACKENDS[: round_index % 3]
             for name in order:
                 timings = measure_round(name, *backends[name], image, args.tokens, boxes, points)
+                segmenters[name].mask_decoder.cache.clear()
                 begin = time.perf_counter()
                 segmenters[name].segment(image, QUERY, samples=8, seed=round_index)
                 timings["end_to_end_n8"] = (time.perf_counter() - begin) * 1e3
