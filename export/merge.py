@@ -28,7 +28,7 @@ from star_edge.bundle import Bundle
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
 from star_edge.export.bundle_writer import check_out_folder, write_manifest
 from star_edge.reasoner.torch_backend import FAMILIES, quiet_transformers
-from star_edge.sam.checkpoints import check_sam_dir
+from star_edge.sam.checkpoints import check_sam_dir, read_sam_config
 
 #: Files a base checkpoint must have besides its weights (the bundle's reasoner needs them).
 REQUIRED_BASE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
@@ -282,13 +282,13 @@ def check_sam_source(sam: Path) -> None:
 def _sam_section(sam: Path, out: Path) -> dict:
     """Put the SAM model into `out` (a bundle's sam/ folder) and return the manifest's sam section.
 
-    `sam` is a bundle's sam/ folder (config.json + model.safetensors: checked and copied; left as
-    it is when it is `out` itself) or an official SAM 1 .pth / SAM 2.1 .pt checkpoint (converted by
-    `star_edge.export.sam_checkpoints.import_official_sam`).
+    `sam`, as `check_sam_source` accepts it (the caller checks it first), is a bundle's sam/ folder
+    (config.json + model.safetensors: copied; left as it is when it is `out` itself) or an official
+    SAM 1 .pth / SAM 2.1 .pt checkpoint (converted by
+    `star_edge.export.sam_checkpoints.import_official_sam`, which checks it).
     """
-    check_sam_source(sam)
     if sam.is_dir():
-        config = check_sam_dir(sam)
+        config = read_sam_config(sam)
         if sam.resolve() != out.resolve():
             if out.exists():
                 shutil.rmtree(out)
@@ -345,7 +345,7 @@ def write_merged_bundle(
         raise InvalidInputError(f"input size must be a positive multiple of {factor} for {family}, got {side!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise InvalidInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    check_sam_source(sam)  # before the merge, which takes minutes for a 7B model
+    check_sam_source(sam)  # before the merge, which takes minutes for a 7B model; _sam_section relies on it
     report = merge_lora(base, adapter, out / "reasoner", dtype=dtype)
     sam_section = _sam_section(sam, out / "sam")
     reasoner_section = {
