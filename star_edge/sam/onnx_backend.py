@@ -120,24 +120,33 @@ def _graph_file(folder: Path, graph: dict[str, Any]) -> Path:
     return path
 
 
+def _positive_ints(count: int | None = None) -> Callable[[Any], bool]:
+    """A check for a positive int (count None) or a list of `count` of them."""
+    def one(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    return one if count is None else lambda v: isinstance(v, list) and len(v) == count and all(map(one, v))
+
+
+def _finite_numbers(count: int | None = None, nonzero: bool = False) -> Callable[[Any], bool]:
+    """A check for a finite number (count None) or a list of `count` of them, optionally nonzero."""
+    def one(value: Any) -> bool:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+                and not (nonzero and value == 0))
+
+    return one if count is None else lambda v: isinstance(v, list) and len(v) == count and all(map(one, v))
+
+
 _SAM_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "image_size": lambda v: _is_int(v) and v > 0,
-    "embed_dim": lambda v: _is_int(v) and v > 0,
-    "embedding_size": lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v),
-    "low_res_size": lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v),
-    "pixel_mean": lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v),
-    "pixel_std": lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) and x != 0 for x in v),
-    "mask_threshold": lambda v: _is_number(v),
+    "image_size": _positive_ints(),
+    "embed_dim": _positive_ints(),
+    "embedding_size": _positive_ints(2),
+    "low_res_size": _positive_ints(2),
+    "pixel_mean": _finite_numbers(3),
+    "pixel_std": _finite_numbers(3, nonzero=True),
+    "mask_threshold": _finite_numbers(),
 }
 """The "sam" section's fields that decoding reads, each with its check."""
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def _checked_sam_section(section: dict[str, Any], path: Path) -> dict[str, Any]:
