@@ -156,6 +156,8 @@ def _read_count(chars: np.ndarray, position: int, end: int) -> tuple[int, int, i
         value |= (group & 0x1F) << shift
         more = (group & 0x20) != 0
         position += 1
+        if shift == 60 and ((group >> 3) & 1) != ((group >> 4) & 1):
+            return 0, position, 3  # bit 63 and the sign bit above it differ: the count needs 65 bits
         shift += 5
         if not more and (group & 0x10) and shift < 64:
             value |= np.int64(-1) << shift
@@ -184,6 +186,8 @@ def _parse_counts(
                 value += runs[start + n - 2]
             if value < 0 and status[k] == _PARSE_OK:
                 status[k] = 4
+            if value > n_pixels[k] - total and status[k] == _PARSE_OK:
+                status[k] = 5
             runs[start + n] = value
             total += value
             n += 1
@@ -254,6 +258,8 @@ def rle_encode(masks: np.ndarray) -> list[RLE]:
     m, h, w = masks.shape
     run_offsets = np.zeros(m + 1, dtype=np.int64)
     pixels = masks.view(np.uint8)
+    if pixels.max(initial=0) > 1:
+        pixels = np.minimum(pixels, 1)  # bool arrays made by .view(bool) may hold bytes other than 0/1
     column_transitions = _column_transitions(pixels)
     np.cumsum(column_transitions.sum(axis=1) + 1, out=run_offsets[1:])
     runs = _column_major_runs(pixels, column_transitions, run_offsets)
@@ -279,7 +285,10 @@ def _rle_size(rle: RLE, index: int) -> tuple[int, int]:
     size = np.asarray(rle["size"])
     if size.shape != (2,) or size.dtype.kind not in "iu" or (size < 0).any():
         raise InvalidInputError(f"rles[{index}]['size'] must be [H, W] of non-negative ints, got {rle['size']!r}")
-    return int(size[0]), int(size[1])
+    h, w = int(size[0]), int(size[1])
+    if h * w > np.iinfo(np.int64).max:
+        raise InvalidInputError(f"rles[{index}]['size'] {[h, w]} has more than 2**63 - 1 pixels")
+    return h, w
 
 
 def _rle_bytes(rle: RLE, index: int) -> bytes:

@@ -117,6 +117,11 @@ def test_encode_rejects_bad_masks(masks, message):
         ([{"size": [2, 2], "counts": "0R"}], "truncated"),
         ([{"size": [2, 2], "counts": "0N"}], "negative"),
         ([{"size": [2, 2], "counts": "o" * 14}], "63 bits"),
+        # 13 characters whose last sets bit 63 but not the sign bit above it: a 65-bit count
+        ([{"size": [2, 2], "counts": "o" * 12 + "8"}], "63 bits"),
+        # runs 2**63 - 1, 2**63 - 1, 6: their int64 sum wraps round to exactly H*W = 4
+        ([{"size": [2, 2], "counts": "o" * 12 + "7" + "o" * 12 + "76"}], "do not add up"),
+        ([{"size": [2**32, 2**32], "counts": "0"}], "more than 2\\*\\*63 - 1 pixels"),
         ([{"size": [2, 2], "counts": 4}], "str or bytes"),
         ([{"size": [2, 2], "counts": "0é"}], "non-ASCII"),
         ([{"size": [2], "counts": "4"}], r"\[H, W\]"),
@@ -129,6 +134,19 @@ def test_encode_rejects_bad_masks(masks, message):
 def test_decode_rejects_corrupt_rles(rles, message):
     with pytest.raises(InvalidInputError, match=message):
         rle_decode(rles)
+
+
+def test_area_rejects_runs_past_the_mask():
+    with pytest.raises(InvalidInputError, match="do not add up"):
+        rle_area({"size": [2, 2], "counts": "o" * 12 + "7" + "o" * 12 + "76"})
+
+
+def test_bool_masks_with_bytes_other_than_one_encode_as_their_truth_values():
+    raw = np.array([[[0, 2], [1, 1]], [[3, 0], [0, 255]]], dtype=np.uint8)
+    masks = raw.view(np.bool_)
+    truth = raw != 0
+    assert rle_encode(masks) == rle_encode(truth)
+    assert_matches_pycocotools(truth)
 
 
 @st.composite
