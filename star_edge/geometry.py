@@ -100,7 +100,8 @@ def _rescale_rounded(
     xy = _as_xy(coords)
     if not np.isfinite(xy).all():
         raise InvalidInputError("coordinates must be finite (no NaN or inf)")
-    scaled = xy * _xy_factors(xy.shape[-1], to_w / from_w, to_h / from_h) + 0.5
+    with np.errstate(over="ignore"):  # a finite value past float64's range becomes inf, then saturates
+        scaled = xy * _xy_factors(xy.shape[-1], to_w / from_w, to_h / from_h) + 0.5
     return np.clip(np.trunc(scaled), -_INT_LIMIT, _INT_LIMIT).astype(np.int64)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,13 @@ def test_original_to_reasoner_is_the_inverse_mapping() -> None:
 
 def test_huge_values_saturate_instead_of_overflowing() -> None:
     got = geometry.input_to_original([1e300, -1e300], image_size=(5000, 5000))
+    assert got.tolist() == [2**53, -(2**53)]
+
+
+def test_values_that_overflow_float64_when_scaled_saturate_without_a_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = geometry.input_to_original([1e308, -1e308], image_size=(10000, 10000))
     assert got.tolist() == [2**53, -(2**53)]
 
 
