@@ -270,3 +270,23 @@ def test_hugging_face_folders_load_with_image_and_mask_columns(tmp_path):
         load_hf(tmp_path / "dict")
     with pytest.raises(DataError, match="missing column"):
         HFReasonSeg(dataset.remove_columns("mask"), name="x")
+
+
+def test_training_reads_every_kind_of_folder_whole_or_its_train_split(tmp_path):
+    from datasets import DatasetDict
+
+    from star_edge.train.grpo_data import DataConfig, open_items
+
+    image = np.zeros((20, 30, 3), dtype=np.uint8)
+    target = np.zeros((20, 30), dtype=bool)
+    target[4:9, 5:12] = True
+    write_sample(tmp_path / "reasonseg", "a", image, ["first", "second"], False, mask_to_polygons(target))
+    dataset = _hf_dataset()
+    dataset.save_to_disk(str(tmp_path / "single"))
+    DatasetDict({"train": dataset.select([0, 1]), "test": dataset}).save_to_disk(str(tmp_path / "dict"))
+    items, count = open_items(DataConfig(source=str(tmp_path / "reasonseg")))
+    assert count == 2 and [items(i).query for i in range(2)] == ["first", "second"]
+    assert items(0).boxes.tolist() == [[5, 4, 11, 8]]
+    assert open_items(DataConfig(source=str(tmp_path / "single")))[1] == 3
+    items, count = open_items(DataConfig(source=str(tmp_path / "dict")))
+    assert count == 2 and items(1).query == "query 1", "a DatasetDict trains on its train split"

@@ -121,9 +121,11 @@ def open_items(config: DataConfig) -> tuple[Callable[[int], TrainItem], int]:
     """(index -> item, number of items) for the configured source."""
     if config.source == "synthetic":
         return synthetic_items(config), config.train_samples
+    from star_edge.train.data.hf import is_dataset_dict
     from star_edge.train.eval import open_dataset
 
-    items = FolderItems(open_dataset(config.source, split="train"))
+    split = "train" if is_dataset_dict(config.source) else None  # other folders are one split
+    items = FolderItems(open_dataset(config.source, split=split))
     return items, len(items)
 
 

@@ -23,8 +23,12 @@ REQUIRED_COLUMNS = ("image", "mask", "text")
 
 def is_hf_folder(path: str | Path) -> bool:
     """Whether `path` looks like a `save_to_disk` folder (a Dataset or a DatasetDict)."""
-    path = Path(path)
-    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    return is_dataset_dict(path) or (Path(path) / "state.json").is_file()
+
+
+def is_dataset_dict(path: str | Path) -> bool:
+    """Whether `path` is a `save_to_disk` folder of a DatasetDict (one with named splits)."""
+    return (Path(path) / "dataset_dict.json").is_file()
 
 
 class HFReasonSeg(Sequence[SegSample]):
