@@ -157,6 +157,9 @@ def evaluate(
     samples: Annotated[str, typer.Option(
         "--samples", "-n", help="N per query: 1 = greedy; several, comma-separated, e.g. 1,8.")] = "1",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first K images only.")] = None,
+    all_queries: Annotated[bool, typer.Option(
+        "--all-queries", help="Score every query of an image; by default its first only, as LISA scores "
+                              "ReasonSeg (published numbers count each image once).")] = False,
     bundle: BundleOption = None,
     backend: BackendOption = "auto",
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")] = "cpu",
@@ -202,7 +205,7 @@ def evaluate(
         with Progress(console=console, disable=not procs.is_main, transient=True) as bar:
             task = bar.add_task("evaluating", total=len(range(procs.index, total, procs.count)))
             report = run(segmenter, dataset, meta, counts, limit, json_path, plots, worst, procs,
-                         progress=lambda done: bar.update(task, completed=done))
+                         progress=lambda done: bar.update(task, completed=done), all_queries=all_queries)
         if report is not None:
             _print_eval_summary(report)
             for path, what in ((json_path, "report"), (plots, "plots")):

@@ -95,7 +95,7 @@ def _dataset():
 def test_records_count_every_query_and_n_with_hand_computed_numbers():
     dataset, answers = _dataset()
     segmenter = _KnownSegmenter(answers)
-    records, worst = evaluate(segmenter, dataset, samples=(1, 4), worst=2)
+    records, worst = evaluate(segmenter, dataset, samples=(1, 4), worst=2, all_queries=True)
     assert [(r["image_id"], r["query_index"], r["n_samples"]) for r in records] == [
         ("a", 0, 1), ("a", 0, 4), ("a", 1, 1), ("a", 1, 4), ("b", 0, 1), ("b", 0, 4), ("c", 0, 1), ("c", 0, 4)]
     assert [call[2] for call in segmenter.calls[::2]] == [0, 1, 1000, 2000], "seed = 1000 * image + query"
@@ -118,18 +118,32 @@ def test_records_count_every_query_and_n_with_hand_computed_numbers():
     assert len(json.loads(json.dumps(report))["samples"]) == 8
 
 
+def test_an_image_is_scored_on_its_first_query_unless_all_are_asked_for():
+    dataset, answers = _dataset()
+    segmenter = _KnownSegmenter(answers)
+    records, _ = evaluate(segmenter, dataset)
+    assert [r["query"] for r in records] == ["qa1", "qb", "qc"], "LISA scores an image's first query only"
+    report = run(_KnownSegmenter(answers), dataset, {"data": "hand"})
+    assert report["meta"]["queries"] == "first" and report["summary"]["count"] == 3
+    report = run(_KnownSegmenter(answers), dataset, {"data": "hand"}, all_queries=True)
+    assert report["meta"]["queries"] == "all" and report["summary"]["count"] == 4
+
+
 def test_sharded_runs_merge_into_the_single_process_report(tmp_path):
     dataset, answers = _dataset()
-    single = run(_KnownSegmenter(answers), dataset, {"data": "hand"}, samples=(1, 2), json_path=tmp_path / "one.json")
+    single = run(_KnownSegmenter(answers), dataset, {"data": "hand"}, samples=(1, 2), json_path=tmp_path / "one.json",
+                 plots=tmp_path / "one", worst=2, all_queries=True)
     path = tmp_path / "sharded.json"
     barrier_calls = []
     for index in (1, 0):  # the main process merges after the barrier, so it runs last here
         procs = Processes(index, 2, index, lambda: barrier_calls.append(index))
         result = run(_KnownSegmenter(answers), dataset, {"data": "hand"}, samples=(1, 2), json_path=path,
-                     procs=procs)
+                     plots=tmp_path / "sharded", worst=2, procs=procs, all_queries=True)
         assert (result is None) == (index == 1)
     merged = json.loads(path.read_text())
     assert barrier_calls == [1, 0] and not list(tmp_path.glob("sharded.json.shard*"))
+    overlays = lambda name: sorted(p.name for p in (tmp_path / name / "worst").glob("*.png"))  # noqa: E731
+    assert len(overlays("one")) == 2 and overlays("sharded") == overlays("one"), "the worst of all shards"
     strip = lambda records: [{k: v for k, v in r.items() if k != "timings_ms"} for r in records]  # noqa: E731
     assert strip(merged["samples"]) == strip(single["samples"])
     assert merged["summary"]["giou"] == single["summary"]["giou"]
@@ -191,6 +205,9 @@ def test_cli_eval_reports_bad_arguments_on_one_line(tmp_path):
     assert too_many.exit_code == 2 and "samples must be in [1, 64]" in too_many.output
     wrong_split = runner.invoke(app, ["eval", "--synthetic", "--split", "dev"])
     assert wrong_split.exit_code == 2 and "needs a split in train, val, test" in wrong_split.output
+    write_split(tmp_path / "data", seed=0, split="val", count=1, config=SyntheticConfig(size_range=(64, 64)))
+    split_of_a_folder = runner.invoke(app, ["eval", str(tmp_path / "data" / "val"), "--split", "val"])
+    assert split_of_a_folder.exit_code == 2 and "is a ReasonSeg folder, which has no splits" in split_of_a_folder.output
     missing = runner.invoke(app, ["eval", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "data folder not found" in missing.output
     neither = runner.invoke(app, ["eval"])

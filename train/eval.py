@@ -2,9 +2,9 @@
 
 Report (JSON):
 
-    {"meta": {"data", "bundle", "backend", "device", "samples": [N, ...], "limit", "images",
-              "processes", "star_edge"; the synthetic data also "synthetic": {"split", "seed",
-              "count"}},
+    {"meta": {"data", "bundle", "backend", "device", "samples": [N, ...], "queries": "first" | "all",
+              "limit", "images", "processes", "star_edge"; the synthetic data also "synthetic":
+              {"split", "seed", "count"}},
      "samples": [{"index", "query_index", "image_id", "query", "reasoning_type", "depth",
                   "is_sentence", "n_samples", "n_valid", "n_objects", "labels", "intersection",
                   "union", "iou", "target_area", "pred_area", "pred_mask" (COCO RLE),
@@ -12,12 +12,13 @@ Report (JSON):
      "summary": {"count", "giou", "ciou", "per_type", "per_depth", "timings_ms"},
      "summary_by_samples": {"N": summary, ...}}
 
-One record per image, query and N (several N: `samples=(1, 8)`); `summary` is that of the largest
-N. Areas, intersection and union leave the ignore region out (`metrics`). Sampling is seeded per
-query (seed = 1000 * image index + query index), so a sharded run gives the same records as one
-process. Under `accelerate launch --multi_gpu` (one GPU per process) or `torchrun` (also on CPU,
-over gloo), each process takes every num_processes-th image, writes its shard beside the report,
-and the main process merges the shards (`merge_reports`).
+One record per image, query and N (several N: `samples=(1, 8)`); an image's first query only, as
+LISA scores ReasonSeg, unless every query is asked for. `summary` is that of the largest N. Areas,
+intersection and union leave the ignore region out (`metrics`). Sampling is seeded per query
+(seed = 1000 * image index + query index), so a sharded run gives the same records as one process.
+Under `accelerate launch --multi_gpu` (one GPU per process) or `torchrun` (also on CPU, over gloo),
+each process takes every num_processes-th image, writes its shard beside the report, and the main
+process merges the shards (`merge_reports`).
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def processes(cpu: bool = False) -> Processes:
 
 def open_dataset(data: str | Path | None, split: str | None = None, synthetic: bool = False,
                  seed: int = 0, count: int = 500) -> Sequence[SegSample]:
-    """A ReasonSeg folder, a Hugging Face `save_to_disk` folder, or the synthetic test split
-    (`count` samples of seed `seed`, generated on access)."""
+    """A ReasonSeg folder, a Hugging Face `save_to_disk` folder (`split`: the DatasetDict's split),
+    or the synthetic benchmark (`split`, default test: `count` samples of seed `seed`, generated on
+    access). A split given for a ReasonSeg folder is refused: such a folder is one split."""
     if synthetic:
         if data is not None:
             raise InvalidInputError("give either a data folder or --synthetic, not both")
@@ -106,7 +108,11 @@ def open_dataset(data: str | Path | None, split: str | None = None, synthetic: b
         return load_hf(data, split)
     from star_edge.train.data.reasonseg import ReasonSegFolder
 
-    return ReasonSegFolder(data)
+    folder = ReasonSegFolder(data)
+    if split is not None:
+        raise InvalidInputError(f"{data} is a ReasonSeg folder, which has no splits: give the split's own "
+                                f"folder (e.g. {Path(data) / split}) instead of --split {split}")
+    return folder
 
 
 def evaluate(
@@ -116,8 +122,9 @@ def evaluate(
     indices: Iterable[int] | None = None,
     worst: int = 0,
     progress: Callable[[int], None] | None = None,
+    all_queries: bool = False,
 ) -> tuple[list[dict[str, Any]], list[Case]]:
-    """Segment every query of the chosen images and score it.
+    """Segment the chosen images' queries and score them.
 
     Args:
         segmenter: a star_edge.Segmenter (anything with its `segment`).
@@ -126,6 +133,8 @@ def evaluate(
         indices: the images to evaluate (default: all).
         worst: keep this many lowest-IoU cases (of the largest N) for overlays.
         progress: called with the number of images done so far.
+        all_queries: score every query of an image; by default only its first, as LISA's
+            ReasonSeg evaluation does (published gIoU / cIoU count each image once).
 
     Returns:
         (records in image, query, N order; the kept worst cases, lowest IoU first).
@@ -140,7 +149,7 @@ def evaluate(
         if item.mask.shape != pixels.shape[:2] or item.ignore.shape != pixels.shape[:2]:
             raise DataError(f"{item.image_id}: mask {item.mask.shape} does not match the image "
                             f"{pixels.shape[:2]}")
-        for query_index, query in enumerate(item.queries):
+        for query_index, query in enumerate(item.queries if all_queries else item.queries[:1]):
             for n in samples:
                 began = time.perf_counter()
                 result = segmenter.segment(pixels, query, samples=n, seed=SEED_STRIDE * index + query_index)
@@ -242,6 +251,16 @@ def shard_path(report_path: str | Path, index: int, count: int) -> Path:
     return path.with_name(f"{path.name}.shard{index:03d}-of-{count:03d}.json")
 
 
+def _keep_worst_overlays(shards: Sequence[Path], worst: int) -> None:
+    """Each process drew the overlays of its own `worst` cases; delete all but the `worst` lowest-IoU
+    ones of all the shards together (ties: the earlier shard, then its order)."""
+    drawn = [(iou_value, shard_index, order, path)
+             for shard_index, shard in enumerate(shards)
+             for order, (iou_value, path) in enumerate(json.loads(shard.read_text()).get("overlays", []))]
+    for _, _, _, path in sorted(drawn)[worst:]:
+        Path(path).unlink(missing_ok=True)
+
+
 def run(
     segmenter: Any,
     dataset: Sequence[SegSample],
@@ -253,9 +272,11 @@ def run(
     worst: int = 8,
     procs: Processes | None = None,
     progress: Callable[[int], None] | None = None,
+    all_queries: bool = False,
 ) -> dict[str, Any] | None:
     """Evaluate (this process's share of) the first `limit` images, then write the report and
-    the plots; with several processes, the main one merges the shards.
+    the plots; with several processes, the main one merges the shards and keeps the overlays of
+    the `worst` cases of them all. `all_queries`: as in `evaluate`.
 
     Returns the full report in the main process, None in the others.
     """
@@ -264,23 +285,26 @@ def run(
         raise InvalidInputError("a multi-process evaluation needs --json PATH (shards are written beside it)")
     total = len(dataset) if limit is None else min(limit, len(dataset))
     mine = range(procs.index, total, procs.count)
-    records, cases = evaluate(segmenter, dataset, samples, mine, worst if plots else 0, progress)
-    meta = {**meta, "samples": sorted(samples), "limit": limit, "images": total,
-            "processes": procs.count, "star_edge": __version__}
+    records, cases = evaluate(segmenter, dataset, samples, mine, worst if plots else 0, progress, all_queries)
+    meta = {**meta, "samples": sorted(samples), "queries": "all" if all_queries else "first", "limit": limit,
+            "images": total, "processes": procs.count, "star_edge": __version__}
     report = build_report(records, meta)
+    overlays: list[Path] = []
     if plots is not None and cases:
         from star_edge.train.eval_plots import write_worst_overlays
 
-        write_worst_overlays(cases, Path(plots) / "worst")
+        overlays = write_worst_overlays(cases, Path(plots) / "worst")
     if procs.count > 1:
-        write_json(report, shard_path(json_path, procs.index, procs.count))  # type: ignore[arg-type]
+        shard = {**report, "overlays": [[case.record["iou"], str(path)] for case, path in zip(cases, overlays)]}
+        write_json(shard, shard_path(json_path, procs.index, procs.count))  # type: ignore[arg-type]
         procs.barrier()
         if not procs.is_main:
             return None
         shards = [shard_path(json_path, i, procs.count) for i in range(procs.count)]  # type: ignore[arg-type]
         report = merge_reports(shards)
-        for shard in shards:
-            shard.unlink()
+        _keep_worst_overlays(shards, worst)
+        for path in shards:
+            path.unlink()
     if json_path is not None:
         write_json(report, json_path)
     if plots is not None:

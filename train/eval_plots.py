@@ -37,13 +37,13 @@ def write_summary_plots(report: dict[str, Any], folder: str | Path) -> list[Path
 
 def write_worst_overlays(cases: Sequence[Case], folder: str | Path) -> list[Path]:
     """One PNG per case: the ground truth (green; ignore grey) beside the prediction's overlay,
-    under the query and the IoU. Named by IoU, image id and query index."""
+    under the query and the IoU. Named by IoU, image index and id, and query index."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for case in cases:
         record = case.record
-        path = folder / f"iou{record['iou']:.3f}_{record['image_id']}_q{record['query_index']}.png"
+        path = folder / f"iou{record['iou']:.3f}_{record['index']:06d}_{record['image_id']}_q{record['query_index']}.png"
         _panel(case).save(path, format="PNG")
         written.append(path)
     return written
