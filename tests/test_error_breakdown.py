@@ -25,12 +25,12 @@ def _first(condition):
     return next(i for i in range(40) if condition(sample(STREAM, i, BENCHMARK_CONFIG)))
 
 
-def _record(index: int, query_index: int, predicted: np.ndarray, labels: list[str]) -> dict:
+def _record(index: int, query_index: int, predicted: np.ndarray, labels: list[str], n_valid: int = 1) -> dict:
     scene = sample(STREAM, index, BENCHMARK_CONFIG)
     intersection, union = intersection_union(predicted, scene.mask)
     return {"index": index, "query_index": query_index, "image_id": scene.image_id, "n_samples": 1,
             "n_objects": len(labels), "labels": labels, "iou": iou(intersection, union),
-            "target_area": int(scene.mask.sum()), "pred_area": int(predicted.sum()),
+            "target_area": int(scene.mask.sum()), "pred_area": int(predicted.sum()), "n_valid": n_valid,
             "pred_mask": rle_encode(predicted[None])[0]}
 
 
@@ -56,17 +56,21 @@ def test_outcomes_and_groundings_of_answers_built_on_the_scenes():
     ]
     no_target_scene = sample(STREAM, without, BENCHMARK_CONFIG)
     records += [_record(without, 0, np.zeros_like(no_target_scene.mask), []),  # rejected
-                _record(without, 1, no_target_scene.instance_masks[0], [no_target_scene.objects[0].noun])]
+                _record(without, 1, no_target_scene.instance_masks[0], [no_target_scene.objects[0].noun]),
+                _record(without, 2, np.zeros_like(no_target_scene.mask), [], n_valid=0),  # failed, not rejected
+                _record(with_target, 7, empty, [], n_valid=0)]  # failed, not empty
     rows = {row.category: row for row in breakdown({"meta": META, "samples": records})}
 
     assert {name: rows[name].queries for name in rows} == {
-        "rejected": 1, "false positive": 1, "empty": 1, "miss": 4, "partial": 0, "hit": 2,
+        "failed": 2, "rejected": 1, "false positive": 1, "empty": 1, "miss": 4, "partial": 0, "hit": 2,
         "target, named right": 1, "target, named wrong": 1, "another object, named right": 2,
         "another object, named wrong": 1, "no object": 1}
-    assert rows["hit"].share == pytest.approx(2 / 9)
+    assert rows["hit"].share == pytest.approx(2 / 11)
+    # the failed query with a target scored 0, the failed "no target" one 1.0
+    assert rows["failed"].giou_lost == pytest.approx(1 / 11)
     assert rows["another object, named right"].share == pytest.approx(2 / 6)  # six one-object answers
-    assert rows["miss"].giou_lost == pytest.approx(4 / 9)  # the other object and the background: IoU 0
-    assert rows["hit"].giou_lost == pytest.approx((1 - records[0]["iou"]) * 2 / 9)
+    assert rows["miss"].giou_lost == pytest.approx(4 / 11)  # the other object and the background: IoU 0
+    assert rows["hit"].giou_lost == pytest.approx((1 - records[0]["iou"]) * 2 / 11)
     assert records[0]["iou"] == 1.0 and rows["target, named right"].giou_lost == 0.0
 
 
@@ -77,7 +81,7 @@ def test_reports_of_other_data_or_other_scenes_are_refused():
         breakdown({"meta": {"data": "reasonseg/val"}, "samples": [record]})
     with pytest.raises(InvalidInputError, match="^record .* not the scenes this report scored$"):
         breakdown({"meta": {"synthetic": {"split": "test", "seed": 0}}, "samples": [record]})
-    for field in ("n_samples", "iou"):  # read for every record, "rejected" ones included
+    for field in ("n_samples", "n_valid", "iou"):  # read for every record, "rejected" ones included
         partial = {key: value for key, value in record.items() if key != field}
         with pytest.raises(InvalidInputError, match=f"^not a `star-edge eval --json` report: KeyError\\('{field}'\\)"):
             breakdown({"meta": META, "samples": [partial]})
@@ -99,7 +103,7 @@ def test_a_synthetic_eval_report_names_its_split_and_loses_exactly_its_missing_g
     main([str(report_path), "--json", str(tmp_path / "rows.json")])
     assert "one-object answers" in capsys.readouterr().out
     rows = json.loads((tmp_path / "rows.json").read_text())
-    outcomes = [row for row in rows if row["category"] in ("rejected", "false positive", "empty", "miss",
-                                                           "partial", "hit")]
+    outcomes = [row for row in rows if row["category"] in ("failed", "rejected", "false positive", "empty",
+                                                           "miss", "partial", "hit")]
     assert sum(row["queries"] for row in outcomes) == 3
     assert sum(row["giou_lost"] for row in outcomes) == pytest.approx(1 - report["summary"]["giou"])

@@ -3,7 +3,8 @@
 The synthetic benchmark regenerates every scene from the split and seed the report names, so each
 answer can be set against all of the scene's objects, not only its targets:
 
-- outcome of every query, per N: a "no target" query answered with nothing ("rejected") or with
+- outcome of every query, per N: no sample of it parsed ("failed"; its empty mask scores 1.0 on a
+  "no target" query, 0 otherwise); a "no target" query answered with nothing ("rejected") or with
   something ("false positive"); a query with targets answered with nothing ("empty"), with IoU
   < 0.1 ("miss"), 0.1-0.5 ("partial") or >= 0.5 ("hit"). Each outcome's gIoU lost is
   sum(1 - IoU) over its queries / all queries, so the losses add up to 1 - gIoU.
@@ -31,7 +32,7 @@ from star_edge.errors import InvalidInputError
 from star_edge.kernels import pack_masks, pairwise_iou, rle_decode
 from star_edge.train.data.synthetic import BENCHMARK_CONFIG, SyntheticSample, sample, split_seed
 
-OUTCOMES = ("rejected", "false positive", "empty", "miss", "partial", "hit")
+OUTCOMES = ("failed", "rejected", "false positive", "empty", "miss", "partial", "hit")
 GROUNDINGS = ("target, named right", "target, named wrong", "another object, named right",
               "another object, named wrong", "no object")
 COVERS = 0.5
@@ -55,7 +56,9 @@ class Share:
 
 
 def outcome(record: dict[str, Any]) -> str:
-    """The OUTCOMES entry of one report record (its target_area, pred_area and iou)."""
+    """The OUTCOMES entry of one report record (its n_valid, target_area, pred_area and iou)."""
+    if record["n_valid"] == 0:
+        return "failed"
     answered = record["pred_area"] > 0
     if record["target_area"] == 0:
         return "false positive" if answered else "rejected"
