@@ -43,7 +43,8 @@ def write_worst_overlays(cases: Sequence[Case], folder: str | Path) -> list[Path
     written = []
     for case in cases:
         record = case.record
-        path = folder / f"iou{record['iou']:.3f}_{record['index']:06d}_{record['image_id']}_q{record['query_index']}.png"
+        name = f"iou{record['iou']:.3f}_{record['index']:06d}_{record['image_id']}_q{record['query_index']}.png"
+        path = folder / name
         _panel(case).save(path, format="PNG")
         written.append(path)
     return written
