@@ -141,6 +141,25 @@ def test_three_stages_resume_and_write_loadable_bundles(tmp_path):
     Segmenter.from_pretrained(out / "stage2" / "bundle").close()
 
 
+def test_a_stage_planned_in_epochs_trains_them_and_resumes_as_finished(tmp_path):
+    """StAR's own configs (stage1.yaml, stage2.yaml) set num_train_epochs and no max_steps."""
+    grpo = {key: value for key, value in MINI["grpo"].items() if key != "max_steps"}
+    settings = {key: value for key, value in MINI.items() if key != "stages"}
+    config = tmp_path / "epochs.yaml"
+    config.write_text(yaml.safe_dump({**settings, "stage": "1", "data": {**MINI["data"], "train_samples": 2},
+                                      "grpo": {**grpo, "num_train_epochs": 1}}))
+    out = tmp_path / "run"
+    code, output = run("--config", str(config), "--out", str(out))
+    assert code == 0, output
+    steps = lambda: [row["step"] for row in rows(out / "stage1" / "metrics.jsonl") if "reward" in row]  # noqa: E731
+    assert steps() == [1, 2], "one epoch of 2 prompts, one prompt's 4 rollouts a step"
+    saved = (out / "stage1" / "adapter" / "adapter_model.safetensors").read_bytes()
+    code, output = run("--config", str(config), "--out", str(out), "--resume")
+    assert code == 0, output
+    assert steps() == [1, 2] and (out / "stage1" / "adapter" / "adapter_model.safetensors").read_bytes() == saved
+    Segmenter.from_pretrained(out / "stage1" / "bundle").close()
+
+
 def test_grpo_from_the_demo_bundle_takes_prompts_of_different_lengths_in_one_batch(tmp_path):
     """TRL re-encodes the prompts for the policy's forward pass: with right padding the image-token
     types of the shorter prompt were shifted off its image tokens and Qwen3-VL's position index

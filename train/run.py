@@ -338,8 +338,10 @@ def _train_grpo(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int 
     for printing in (PrinterCallback, ProgressCallback):  # the caller shows progress (the CLI: rich)
         trainer.remove_callback(printing)
     last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
-    trained = _checkpoint_step(Path(last)) if last is not None else 0
-    done = trained >= args.max_steps
+    trained, planned = _checkpoint_steps(Path(last)) if last is not None else (0, 0)
+    if args.max_steps > 0:  # else the run is planned in epochs, and its checkpoint knows their steps
+        planned = args.max_steps
+    done = last is not None and trained >= planned
     if not done:  # Trainer resumed at max_steps would still train one step more
         log.rewind(trained)
         trainer.train(resume_from_checkpoint=last)
@@ -364,9 +366,11 @@ def _train_grpo(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int 
     return (trained if done else trainer.state.global_step), load_bundle(bundle_dir)
 
 
-def _checkpoint_step(checkpoint: Path) -> int:
-    """The optimiser steps a Trainer checkpoint folder holds (its trainer_state.json)."""
-    return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+def _checkpoint_steps(checkpoint: Path) -> tuple[int, int]:
+    """(optimiser steps taken, steps planned for the run) of a Trainer checkpoint folder, from its
+    trainer_state.json."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return int(state["global_step"]), int(state["max_steps"])
 
 
 def _copy_full_weights(base_dir: Path, checkpoint: Path, folder: Path) -> None:
