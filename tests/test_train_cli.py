@@ -73,6 +73,14 @@ def test_bad_configs_name_the_problem(tmp_path):
         TrainConfig(stage="3")
     with pytest.raises(InvalidInputError, match="no config named"):
         load_config("no-such-config")
+    for stages, message in (({"stage2": {"grpo": {"rest_rollouts": 8}}}, "'stage2', not a stage"),
+                            ({3: {}}, "3, not a stage"),
+                            ({"2": [1]}, "must be a mapping"),
+                            ({"2": {"grpo": {"rest_rollout": 8}}}, "stage 2: unknown grpo field"),
+                            ({"sft": {"grpo": {"output_dir": "x"}}}, "output_dir is not a setting")):
+        path.write_text(yaml.safe_dump({"stage": "1", "stages": stages}))
+        with pytest.raises(InvalidInputError, match=message):
+            load_config(path)  # stage 1 is chosen: the other stages' overrides are checked too
 
 
 def test_the_label_ablation_asks_with_a_no_label_template():
@@ -139,6 +147,18 @@ def test_three_stages_resume_and_write_loadable_bundles(tmp_path):
     assert {"rest/std_before", "rest/std_after", "rest/range_before", "rest/range_after"} <= set(first)
     assert json.loads((out / "stage2" / "adapter" / "adapter_config.json").read_text())["r"] == 4
     Segmenter.from_pretrained(out / "stage2" / "bundle").close()
+
+
+def test_lora_settings_that_a_continued_adapter_would_ignore_are_refused(tmp_path):
+    from star_edge.train.run import check_adapter_settings
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 32, "lora_alpha": 32, "lora_dropout": 0.0}))
+    check_adapter_settings({"lora_rank": 32, "lora_alpha": 32, "learning_rate": 1e-4}, tmp_path)
+    check_adapter_settings({}, tmp_path)
+    with pytest.raises(InvalidInputError, match="lora_rank is 64, but the adapter continued .* has r 32"):
+        check_adapter_settings({"lora_rank": 64}, tmp_path)
+    with pytest.raises(InvalidInputError, match="lora_dropout"):
+        check_adapter_settings({"lora_dropout": 0.1}, tmp_path)
 
 
 def test_a_stage_planned_in_epochs_trains_them_and_resumes_as_finished(tmp_path):

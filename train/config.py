@@ -88,6 +88,8 @@ class TrainConfig:
             self.data = DataConfig(**_known(self.data, DataConfig, "data"))
         _known(self.sft, SFTConfig, "sft")
         _known(self.grpo, StarGRPOConfig, "grpo")
+        if "output_dir" in self.grpo:
+            raise InvalidInputError("grpo output_dir is not a setting: checkpoints go under --out")
 
     def sft_config(self) -> SFTConfig:
         """The SFTConfig of stage "sft" (labels follow `with_labels`)."""
@@ -135,19 +137,37 @@ def load_config(name_or_path: str | Path, stage: str | None = None) -> TrainConf
         raise InvalidInputError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise InvalidInputError(f"{path} must hold a mapping of config fields")
-    stages = raw.pop("stages", None) or {}
+    stages = _stage_overrides(raw.pop("stages", None) or {}, path)
     chosen = str(stage if stage is not None else raw.get("stage", TrainConfig.stage))
-    merged = _merge(raw, stages.get(chosen, stages.get(_yaml_key(chosen), {})) or {})
-    merged["stage"] = chosen
+    for name in stages:  # every stage's overrides are checked, not only the chosen one's
+        if name != chosen:
+            _stage_config(raw, stages, name, path)
+    return _stage_config(raw, stages, chosen, path)
+
+
+def _stage_overrides(stages: Any, path: Path) -> dict[str, dict[str, Any]]:
+    """The `stages` mapping with its keys as stage names ("1" for YAML's 1); InvalidInputError for a
+    key that names no stage or a value that is not a mapping."""
+    if not isinstance(stages, dict):
+        raise InvalidInputError(f"{path}: stages must map stage names ({', '.join(STAGES)}) to overrides")
+    named = {}
+    for key, overrides in stages.items():
+        if str(key) not in STAGES:
+            raise InvalidInputError(f"{path}: stages has {key!r}, not a stage ({', '.join(STAGES)})")
+        if not isinstance(overrides or {}, dict):
+            raise InvalidInputError(f"{path}: stages {key!r} must be a mapping of overrides")
+        named[str(key)] = overrides or {}
+    return named
+
+
+def _stage_config(raw: dict[str, Any], stages: dict[str, dict[str, Any]], name: str, path: Path) -> TrainConfig:
+    """The TrainConfig of stage `name`: `raw` with that stage's overrides merged in."""
+    merged = _merge(raw, stages.get(name, {}))
+    merged["stage"] = name
     try:
-        return TrainConfig(**_known(merged, TrainConfig, path.name))
-    except TypeError as error:
-        raise InvalidInputError(f"{path}: {error}") from None
-
-
-def _yaml_key(stage: str) -> int | str:
-    """A stage name as YAML may have written the key (1 for "1")."""
-    return int(stage) if stage.isdigit() else stage
+        return TrainConfig(**_known(merged, TrainConfig, "top-level"))
+    except (InvalidInputError, TypeError) as error:
+        raise InvalidInputError(f"{path}, stage {name}: {error}") from None
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

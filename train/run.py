@@ -214,6 +214,20 @@ def resolve_adapter(config: TrainConfig, out: Path) -> Path | None:
     return path
 
 
+_ADAPTER_KEYS = {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout"}
+"""grpo settings of a fresh LoRA -> the adapter_config.json key a continued adapter keeps instead."""
+
+
+def check_adapter_settings(grpo: dict[str, Any], adapter: Path) -> None:
+    """A continued adapter keeps its own rank, alpha and dropout: refuse a `grpo` section that sets
+    one of them to something else (it would be silently ignored)."""
+    saved = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    for setting, key in _ADAPTER_KEYS.items():
+        if setting in grpo and key in saved and grpo[setting] != saved[key]:
+            raise InvalidInputError(f"grpo {setting} is {grpo[setting]}, but the adapter continued ({adapter}) "
+                                    f"has {key} {saved[key]}: it keeps its own; drop {setting} or match it")
+
+
 def _device(config: TrainConfig) -> str:
     if config.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -297,6 +311,8 @@ def _train_grpo(config: TrainConfig, out: Path, stage_dir: Path, max_steps: int 
                                 f"{config.adapter}: continue another stage with base: stage:<name> and no adapter")
     base = resolve_base(config, out, stage_dir)
     adapter = resolve_adapter(config, out)
+    if adapter is not None:
+        check_adapter_settings(config.grpo, adapter)
     sam_dir, sam_section = resolve_sam(config, base, stage_dir)
     template = prompt_template_for(config.prompt_template or base.section["prompt_template"], config.with_labels)
     section = _reasoner_section(base, config, template)
