@@ -7,12 +7,15 @@ become one raises InvalidInputError naming what was wrong.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from star_edge.errors import InvalidInputError
 
@@ -37,6 +40,14 @@ some PIL plugins hand the file to an outside program (EPS runs Ghostscript)."""
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
+_EXIF_ORIENTATION = 0x0112
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+"""EXIF orientation -> the transpose that shows the image upright (1: as stored)."""
+
+_PIL_WARNINGS = threading.Lock()
+
 
 def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Turn a path, PIL image or numpy array into an RGB array.
@@ -51,7 +62,7 @@ def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         max_pixels: refuse images with more than this many pixels (decompression bombs).
 
     Returns:
-        (H, W, 3) uint8 C-contiguous RGB array.
+        (H, W, 3) uint8 C-contiguous RGB array of its own (never a view of the caller's array).
     """
     if isinstance(image, np.ma.MaskedArray):
         raise InvalidInputError("masked image arrays are not supported (the mask would be ignored); "
@@ -64,6 +75,9 @@ def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             return _from_pil(image)
         except InvalidInputError:
             raise
+        except AssertionError:  # PIL asserts it has pixels: a lazily opened image closed before loading
+            raise InvalidInputError("cannot read the PIL image: it was closed before its pixels were loaded "
+                                    "(call .load() before closing it, or pass the file path)") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise InvalidInputError(f"cannot read the PIL image (mode {image.mode!r}): {exc}") from None
     if isinstance(image, (str, os.PathLike)):
@@ -94,13 +108,12 @@ def validate_query(query: object, max_chars: int = MAX_QUERY_CHARS) -> str:
 def _from_path(path: Path, max_pixels: int) -> np.ndarray:
     _check_file(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # corrupt EXIF: PIL warns and reads on
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=_registered(READABLE_FORMATS)) as opened:
-                _check_size(opened.size, max_pixels, str(path))
-                opened.load()
-                return _from_pil(opened)
+        with _pil_warnings_handled():
+            opened = Image.open(path, formats=_registered(READABLE_FORMATS))
+        with opened:
+            _check_size(opened.size, max_pixels, str(path))
+            opened.load()
+            return _from_pil(opened)
     except InvalidInputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -146,10 +159,31 @@ def _check_size(size: tuple[int, int], max_pixels: int | None, what: str) -> Non
         )
 
 
-def _from_pil(image: Image.Image) -> np.ndarray:
-    with warnings.catch_warnings():  # corrupt EXIF: PIL warns and keeps the stored orientation
+@contextmanager
+def _pil_warnings_handled() -> Iterator[None]:
+    """While PIL reads a header or EXIF: its decompression-bomb warning raised as an error, its
+    corrupt-EXIF UserWarning silenced. `warnings.catch_warnings` swaps process-wide state, so
+    threads take turns here (these are short reads; pixels are decoded outside)."""
+    with _PIL_WARNINGS, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        image = ImageOps.exif_transpose(image)
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """`image` turned as its EXIF orientation says; as stored when it has none, or EXIF that PIL
+    cannot parse (PIL's own exif_transpose raises on some malformed tags while rewriting them)."""
+    try:
+        with _pil_warnings_handled():
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - any parse failure of a corrupt EXIF block: keep the stored orientation
+        return image
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return image if method is None else image.transpose(method)
+
+
+def _from_pil(image: Image.Image) -> np.ndarray:
+    image = _upright(image)
     if image.mode in _SIXTEEN_BIT_MODES:
         return _from_array(np.asarray(image), max_pixels=None)
     if image.mode == "F":
@@ -176,7 +210,10 @@ def _from_array(array: np.ndarray, max_pixels: int | None) -> np.ndarray:
     if not rgb.dtype.isnative:  # big-endian 16-bit samples (PIL mode 'I;16B', TIFF files)
         rgb = rgb.astype(rgb.dtype.newbyteorder("="))
     if rgb.dtype == np.uint8:
-        return np.ascontiguousarray(rgb)
+        out = np.ascontiguousarray(rgb)
+        # a copy, never a view of the caller's array: a camera loop that refills its buffer must not
+        # change the image a Result holds
+        return out.copy() if np.may_share_memory(out, array) else out
     if rgb.dtype in (np.uint16, np.int32):  # int32: PIL's 'I' mode (32-bit TIFF, Image.convert("I"))
         if rgb.min() < 0 or rgb.max() > 65535:
             raise InvalidInputError("16-bit image values must lie in [0, 65535]")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import sys
+import threading
 import warnings
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from star_edge.errors import InvalidInputError
 from star_edge.images import MAX_ASPECT_RATIO, load_image, validate_query
@@ -116,6 +118,56 @@ def test_aspect_ratio_beyond_the_limit_is_refused(tmp_path):
     for bad in (np.asarray(too_long), too_long, _saved(tmp_path, too_long, "strip.png")):
         with pytest.raises(InvalidInputError, match="401x2; the long side may be at most 200 times"):
             load_image(bad)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_the_image_as_pil_does(tmp_path, rgb, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _saved(tmp_path, Image.fromarray(rgb), "oriented.png", exif=exif)
+    with Image.open(path) as opened:
+        expected = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    np.testing.assert_array_equal(load_image(path), expected)
+    np.testing.assert_array_equal(load_image(Image.open(path)), expected)
+
+
+def test_exif_that_pil_cannot_rewrite_still_gives_its_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "camera"
+    # the Make tag (ASCII) renumbered as ColorMap: ImageOps.exif_transpose fails rewriting it (struct.error)
+    raw = exif.tobytes().replace(b"\x01\x0f\x00\x02", b"\x01\x40\x00\x02")
+    path = _saved(tmp_path, Image.new("RGB", (8, 12)), "odd_exif.jpg", exif=raw)
+    assert load_image(path).shape == (8, 12, 3)
+
+
+def test_a_pil_image_closed_before_loading_is_named(tmp_path, rgb):
+    with Image.open(_saved(tmp_path, Image.fromarray(rgb), "closed.png")) as opened:
+        pass
+    with pytest.raises(InvalidInputError, match="closed before its pixels were loaded"):
+        load_image(opened)
+
+
+def test_an_array_is_copied_so_refilling_it_leaves_the_loaded_image(rgb):
+    frame = rgb.copy()
+    loaded = load_image(frame)
+    frame[:] = 7
+    np.testing.assert_array_equal(loaded, rgb)
+
+
+def test_loading_from_threads_leaves_the_warning_filters_as_they_were(tmp_path, rgb):
+    path = _saved(tmp_path, Image.fromarray(rgb), "shared.png")
+    before = list(warnings.filters)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, inside catch_warnings too
+    try:
+        threads = [threading.Thread(target=lambda: [load_image(path) for _ in range(150)]) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert warnings.filters == before
 
 
 def test_exif_orientation_is_applied(tmp_path, rgb):
