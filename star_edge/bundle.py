@@ -122,12 +122,15 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             disagrees with the SAM config.
     """
     root = Path(path)
-    if root.name == MANIFEST_NAME and root.is_file():
-        root = root.parent
-    if root.is_file():
-        raise BundleError(f"{root} is a file; a bundle is the folder that holds {MANIFEST_NAME}")
-    if not root.is_dir():
-        raise BundleError(f"bundle folder not found: {root}")
+    try:
+        if root.name == MANIFEST_NAME and root.is_file():
+            root = root.parent
+        if root.is_file():
+            raise BundleError(f"{root} is a file; a bundle is the folder that holds {MANIFEST_NAME}")
+        if not root.is_dir():
+            raise BundleError(f"bundle folder not found: {root}")
+    except OSError as exc:  # e.g. a name too long, a folder on the way that cannot be searched
+        raise BundleError(f"cannot access bundle folder {root}: {exc.strerror or exc}") from None
     manifest = _read_manifest(root / MANIFEST_NAME)
     bundle = _parse_manifest(root, manifest)
     _refuse_pickle_files(bundle)
@@ -159,21 +162,25 @@ def verify_files(bundle: Bundle) -> None:
     root = bundle.root.resolve()
     for relative, entry in bundle.files.items():
         file = bundle.root / relative
-        if not file.is_file():
-            raise BundleError(f"{file}: listed in {MANIFEST_NAME} but missing")
-        if not file.resolve().is_relative_to(root):
-            raise BundleError(f"{file}: a symbolic link to {file.resolve()}, outside the bundle folder")
-        size = file.stat().st_size
-        if size != entry.size:
-            raise BundleError(
-                f"{file}: {size} bytes, the manifest lists {entry.size} (truncated or replaced)"
-            )
-        digest = file_sha256(file)
-        if digest != entry.sha256:
-            raise BundleError(
-                f"{file}: sha256 {digest[:16]}... does not match the manifest's "
-                f"{entry.sha256[:16]}... (file altered)"
-            )
+        try:
+            _verify_file(file, entry, root)
+        except OSError as exc:  # unreadable, a name too long, ...
+            raise BundleError(f"{file}: listed in {MANIFEST_NAME} but cannot be read: {exc.strerror or exc}") from None
+
+
+def _verify_file(file: Path, entry: FileEntry, root: Path) -> None:
+    if not file.is_file():
+        raise BundleError(f"{file}: listed in {MANIFEST_NAME} but missing")
+    if not file.resolve().is_relative_to(root):
+        raise BundleError(f"{file}: a symbolic link to {file.resolve()}, outside the bundle folder")
+    size = file.stat().st_size
+    if size != entry.size:
+        raise BundleError(f"{file}: {size} bytes, the manifest lists {entry.size} (truncated or replaced)")
+    digest = file_sha256(file)
+    if digest != entry.sha256:
+        raise BundleError(
+            f"{file}: sha256 {digest[:16]}... does not match the manifest's {entry.sha256[:16]}... (file altered)"
+        )
 
 
 def checkpoint_weight_files(directory: Path) -> list[Path]:

@@ -117,6 +117,15 @@ def test_missing_or_unreadable_manifest(tmp_path, bundle_dir):
         load_bundle(bundle_dir)
 
 
+def test_paths_the_file_system_refuses_are_named_as_bundle_errors(tmp_path, bundle_dir):
+    with pytest.raises(BundleError, match="cannot access bundle folder .*: File name too long"):
+        load_bundle(tmp_path / ("y" * 300))
+    _edit_manifest(bundle_dir, lambda m: m["files"].update({"reasoner/" + "x" * 300: {"sha256": "0" * 64,
+                                                                                        "bytes": 1}}))
+    with pytest.raises(BundleError, match="listed in star_edge.json but cannot be read: File name too long"):
+        load_bundle(bundle_dir)
+
+
 def test_writer_refuses_pickle_files(bundle_dir):
     (bundle_dir / "sam" / "extra.pth").write_bytes(b"\x80\x04")
     with pytest.raises(BundleError, match="pickle-based files may not go into a bundle"):
