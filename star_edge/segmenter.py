@@ -230,14 +230,16 @@ class Segmenter:
             parsed = self._parse_all([generated.texts[i] for i in finish_order], pixels)
             valid = [s for s in parsed if s.ok]
             boxes, points, sample_ids, labels = _prompts_of(valid)
-            begin = time.perf_counter()
-            embedding = self.mask_decoder.embed(pixels)
-            timings["sam_encode"] = _ms_since(begin)
-            begin = time.perf_counter()
-            masks, scores = decode_distinct(self.mask_decoder, embedding, boxes, points,
-                                            np.zeros((0, *pixels.shape[:2]), dtype=bool),
-                                            np.zeros((0,), dtype=np.float32))
-            timings["sam_decode"] = _ms_since(begin)
+            masks = np.zeros((0, *pixels.shape[:2]), dtype=bool)
+            scores = np.zeros((0,), dtype=np.float32)
+            timings["sam_encode"] = timings["sam_decode"] = 0.0
+            if len(boxes):  # "no target" answers and failed samples leave SAM nothing to do
+                begin = time.perf_counter()
+                embedding = self.mask_decoder.embed(pixels)
+                timings["sam_encode"] = _ms_since(begin)
+                begin = time.perf_counter()
+                masks, scores = decode_distinct(self.mask_decoder, embedding, boxes, points, masks, scores)
+                timings["sam_decode"] = _ms_since(begin)
         begin = time.perf_counter()
         if samples == 1:
             objects = _objects_without_voting(masks, scores, boxes, points, labels)

@@ -312,3 +312,18 @@ def test_auto_backend_prefers_onnx_on_the_cpu_and_falls_back_to_what_is_there(bu
     assert _automatic_backend(both, "cuda") == "onnx"
     with pytest.raises(InvalidInputError, match="'auto', 'torch', 'onnx' or 'tensorrt'"):
         Segmenter.from_pretrained(bundle_path, backend="fastest")
+
+
+@pytest.mark.parametrize("answer", [NOTHING, BROKEN])
+def test_an_answer_without_objects_leaves_sam_idle(tmp_path, image, answer):
+    """"No target" and failed samples give SAM no prompt: its image encoder is not run for them."""
+    make_tiny_bundle(tmp_path / "bundle", seed=1, family="qwen2_5_vl", scripted_answers=[answer])
+    with Segmenter.from_pretrained(tmp_path / "bundle", backend="torch") as seg:
+        encoded = []
+        embed = seg.mask_decoder.embed
+        seg.mask_decoder.embed = lambda pixels: encoded.append(pixels.shape) or embed(pixels)
+        result = seg.segment(image, "what holds a drink?", samples=1)
+        assert not result.objects and not result.mask.any() and encoded == []
+        assert result.timings["sam_encode"] == result.timings["sam_decode"] == 0.0
+        assert seg.segment(image, "what holds a drink?", samples=4, seed=0).objects == []
+        assert encoded == []
