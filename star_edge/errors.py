@@ -19,3 +19,7 @@ class BackendUnavailableError(StarEdgeError):
 
     The message carries the install hint.
     """
+
+
+class NumericalError(StarEdgeError):
+    """A model produced NaN or infinite values (e.g. float16 activations that overflowed)."""

@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import DynamicCache
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from star_edge.errors import InvalidInputError
+from star_edge.errors import InvalidInputError, NumericalError
 from star_edge.export.tiny_reasoner import write_tiny_reasoner
 from star_edge.reasoner import decoding
 from star_edge.reasoner.torch_backend import TorchReasoner
@@ -285,3 +285,25 @@ def test_decode_time_leaves_out_the_time_spent_in_the_hook():
     decoded = decoding.decode_rows(first, step, range(2), seed=0, eos_token_ids=[end], max_new_tokens=4,
                                    greedy=True, on_finished=slow_hook)
     assert decoded.finished == [True, True] and decoded.decode_ms < 100
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_logits_that_overflowed_raise_instead_of_drawing_an_arbitrary_token(bad, greedy):
+    """float16 overflow gives NaN / inf logits; softmax of them is NaN and every id is as good as
+    another (the nucleus fell back to token 0, Qwen's "!")."""
+    vocabulary, end = 8, 7
+
+    def step(tokens, kept):
+        logits = np.zeros((len(tokens), vocabulary), dtype=np.float32)
+        logits[:, 0] = 50.0
+        logits[0, 3] = bad  # one row of the batch overflows at the second token
+        return logits
+
+    first = np.zeros(vocabulary, dtype=np.float32)
+    first[0] = 50.0  # every row draws token 0 first: none ends
+    with pytest.raises(NumericalError, match=r"logits for token 2 are NaN or infinite \(1 of 3 rows\)"):
+        decoding.decode_rows(first, step, range(3), seed=0, eos_token_ids=[end], max_new_tokens=4, greedy=greedy)
+    silent = np.full(vocabulary, -np.inf, dtype=np.float32)
+    with pytest.raises(NumericalError, match="logits for token 1"):
+        decoding.decode_rows(silent, step, range(1), seed=0, eos_token_ids=[end], max_new_tokens=4, greedy=greedy)

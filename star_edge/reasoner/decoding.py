@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from star_edge.errors import InvalidInputError
+from star_edge.errors import InvalidInputError, NumericalError
 from star_edge.reasoner import ReasonerOutput
 
 #: StAR's sampling settings.
@@ -219,6 +219,7 @@ def decode_rows(
     steps = 0
     in_hook = 0.0
     for position in range(max_new_tokens):
+        _check_finite(logits, position)
         if greedy:
             tokens = logits.argmax(axis=-1).astype(np.int64)
         else:
@@ -247,6 +248,16 @@ def decode_rows(
         kept = None
         steps += 1
     return Decoded(results, completed, (time.perf_counter() - start - in_hook) * 1e3, steps)
+
+
+def _check_finite(logits: np.ndarray, position: int) -> None:
+    """NumericalError when a row of logits (B, V) holds NaN or +inf, or only -inf: no token can be
+    drawn from it (softmax gives NaN, and argmax or the nucleus would pick an arbitrary id)."""
+    peaks = logits.max(axis=-1)
+    if not np.isfinite(peaks).all():
+        raise NumericalError(f"the reasoner's logits for token {position + 1} are NaN or infinite "
+                             f"({int(np.count_nonzero(~np.isfinite(peaks)))} of {peaks.shape[0]} rows): its "
+                             "activations overflowed; run it in float32 or bfloat16 rather than float16")
 
 
 def checked_rows(rows: Sequence[int]) -> list[int]:
