@@ -147,13 +147,30 @@ def _write_int8(source: Path, target: Path) -> None:
         root.setLevel(level)
 
 
-def _write_fp16(source: Path, target: Path) -> None:
-    """float16 weights and compute; inputs and outputs stay float32 (Cast nodes at the edges; the
-    graph is sorted topologically again after the converter appends them)."""
-    import onnx_ir
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+FLOAT32_OPS = ("Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax")
+"""Operators the float16 decoder keeps in float32, as Hugging Face's Qwen models compute them: the
+RMSNorm variance (x ** 2 overflows float16 once |x| > 256, and Qwen's hidden states reach
+thousands) and the attention softmax."""
 
-    halved = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+
+def _variance_epsilon_adds(model: onnx.ModelProto) -> list[str]:
+    """Names of the Add nodes that add RMSNorm's epsilon to a ReduceMean's output (kept in float32
+    with FLOAT32_OPS, so the variance never passes through float16)."""
+    means = {output for node in model.graph.node if node.op_type == "ReduceMean" for output in node.output}
+    return [node.name for node in model.graph.node if node.op_type == "Add" and means.intersection(node.input)]
+
+
+def _write_fp16(source: Path, target: Path) -> None:
+    """float16 weights and compute, but for FLOAT32_OPS and the variance's epsilon Add; inputs and
+    outputs stay float32 (Cast nodes at the edges; the graph is sorted topologically again after
+    the converter appends them)."""
+    import onnx_ir
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load(str(source))
+    halved = convert_float_to_float16(model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FLOAT32_OPS],
+                                      node_block_list=_variance_epsilon_adds(model))
+    del halved.graph.value_info[:]  # the converter leaves float16 types on some outputs of the nodes it kept
     converted = onnx_ir.from_proto(halved)
     converted.graph.sort()
     onnx.save(onnx_ir.to_proto(converted), str(target), save_as_external_data=True,

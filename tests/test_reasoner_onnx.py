@@ -25,7 +25,7 @@ from PIL import Image
 from star_edge.bundle import load_bundle
 from star_edge.errors import BackendUnavailableError, BundleError, InvalidInputError
 from star_edge.export.bundle_export import export_bundle
-from star_edge.export.reasoner_onnx import TOLERANCE, export_reasoner_onnx
+from star_edge.export.reasoner_onnx import FLOAT32_OPS, TOLERANCE, export_reasoner_onnx
 from star_edge.export.tiny import make_tiny_bundle
 from star_edge.export.tiny_reasoner import TinyDims, write_tiny_reasoner
 from star_edge.export.weight_links import materialize_graph
@@ -59,11 +59,11 @@ IMAGES = (_image(0, (400, 300)), _image(1, (97, 251)))
 
 @pytest.fixture(scope="module")
 def random_qwen3(tmp_path_factory) -> tuple[TorchReasoner, OnnxReasoner, Path]:
-    """A random tiny Qwen3-VL, exported with an int8 decoder."""
+    """A random tiny Qwen3-VL, exported with int8 and fp16 decoders."""
     root = tmp_path_factory.mktemp("random_qwen3")
     manifest = write_tiny_reasoner(root / "reasoner", seed=3, family="qwen3_vl", dims=DIMS,
                                    max_new_tokens=MAX_NEW_TOKENS)
-    export_reasoner_onnx(root / "reasoner", manifest, root / "onnx", variants=("fp32", "int8"))
+    export_reasoner_onnx(root / "reasoner", manifest, root / "onnx", variants=("fp32", "int8", "fp16"))
     reasoner = TorchReasoner.from_dir(root / "reasoner", manifest)
     return reasoner, OnnxReasoner.from_dir(root / "onnx", root / "reasoner", manifest, threads=1), root
 
@@ -217,13 +217,36 @@ def _weight_bytes(folder: Path, graph: dict) -> int:
 def test_int8_decoder_stays_within_the_stated_bound(random_qwen3):
     reasoner, onnx_reasoner, root = random_qwen3
     quantized = OnnxReasoner.from_dir(root / "onnx", root / "reasoner", threads=1, decoder_variant="int8")
-    assert OnnxReasoner.available_variants(root / "onnx") == ["fp32", "int8"]
+    assert OnnxReasoner.available_variants(root / "onnx") == ["fp32", "int8", "fp16"]
     decoders = json.loads((root / "onnx" / DESCRIPTION_FILE).read_text())["decoders"]
     assert _weight_bytes(root / "onnx", decoders["int8"]) < 0.5 * _weight_bytes(root / "onnx", decoders["fp32"])
     for image in IMAGES:
         expected = onnx_reasoner.prefill(image, QUERIES[0]).state.logits
         found = quantized.prefill(image, QUERIES[0]).state.logits
         assert np.abs(found - expected).max() <= INT8_BOUND * np.abs(expected).max()
+
+
+def test_fp16_decoder_keeps_the_norm_variance_and_softmax_in_float32(random_qwen3):
+    """As Hugging Face computes them: x ** 2 of a Qwen hidden state overflows float16. (onnxruntime's
+    CPU provider runs float16 Pow in float32 anyway, so the graph's types are what is checked here.)"""
+    reasoner, _, root = random_qwen3
+    decoder = onnx.load(str(root / "onnx" / GRAPH_FILES["decoder_fp16"]), load_external_data=False)
+    graph = onnx.shape_inference.infer_shapes(decoder).graph
+    types = {value.name: value.type.tensor_type.elem_type for value in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({tensor.name: tensor.data_type for tensor in graph.initializer})
+    means = {output for node in graph.node if node.op_type == "ReduceMean" for output in node.output}
+    kept = [node for node in graph.node
+            if node.op_type in FLOAT32_OPS or (node.op_type == "Add" and means.intersection(node.input))]
+    norms = 2 * DIMS.num_layers + 1 + 2 * DIMS.num_layers  # per layer 2, the final one, Qwen3's q / k norms
+    assert sum(node.op_type == "ReduceMean" for node in kept) == norms
+    assert sum(node.op_type == "Softmax" for node in kept) == DIMS.num_layers
+    for node in kept:
+        assert all(types[name] in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64) for name in node.input if name), node
+    assert any(node.op_type == "MatMul" and types[node.input[1]] == onnx.TensorProto.FLOAT16 for node in graph.node)
+    half = OnnxReasoner.from_dir(root / "onnx", root / "reasoner", threads=1, decoder_variant="fp16")
+    state = sampling.prefill(reasoner.model, reasoner.hf_inputs(IMAGES[0], QUERIES[0]))
+    found = half.prefill(IMAGES[0], QUERIES[0]).state.logits
+    assert np.abs(found - state.logits.numpy()).max() <= 1e-2 * float(state.logits.abs().max())
 
 
 def test_segmenter_on_onnx_equals_torch_with_torch_absent(scripted_qwen25):
@@ -280,7 +303,7 @@ def test_bad_inputs_and_broken_folders(random_qwen3, tmp_path):
     with pytest.raises(InvalidInputError, match="rows"):
         onnx_reasoner.sample(onnx_reasoner.prefill(IMAGES[0], QUERIES[0]), [1, 1])
     with pytest.raises(InvalidInputError, match="decoder_variant"):
-        OnnxReasoner.from_dir(root / "onnx", root / "reasoner", decoder_variant="fp16")
+        OnnxReasoner.from_dir(root / "onnx", root / "reasoner", decoder_variant="bf16")
     with pytest.raises(InvalidInputError, match="device"):
         OnnxReasoner.from_dir(root / "onnx", root / "reasoner", device="tpu")
     with pytest.raises(BundleError, match="reasoner_onnx.json is missing"):

@@ -338,7 +338,8 @@ class OnnxReasoner:
         on_finished: Callable[[list[tuple[int, str]]], bool] | None = None,
     ) -> ReasonerOutput:
         """Sampled answers (temperature 1.0, top-p 0.9) for `rows` of the seeded sample stream, in one
-        batch; as `TorchReasoner.sample` (row i depends only on image, query, seed and i).
+        batch; as `TorchReasoner.sample` (row i depends only on image, query, seed and i; not with
+        the int8 decoder, which quantises each step's activations with one scale for the batch).
 
         Raises:
             InvalidInputError: bad rows or seed.
