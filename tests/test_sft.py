@@ -171,11 +171,11 @@ def test_greedy_box_iou_scores_a_known_answer(tmp_path):
     exact = greedy_box_iou(reasoner, [target])
     assert exact["parsed"] == 1.0 and exact["box_iou"] > 0.9 and exact["acc50"] == 1.0
     other = scene(5)
-    x1, y1, x2, y2 = (float(v) for v in target.boxes[0])
-    a1, b1, a2, b2 = (float(v) for v in other.boxes[0])
-    inter = max(0.0, min(x2, a2) - max(x1, a1)) * max(0.0, min(y2, b2) - max(y1, b1))
-    union = (x2 - x1) * (y2 - y1) + (a2 - a1) * (b2 - b1) - inter
-    assert greedy_box_iou(reasoner, [other])["box_iou"] == pytest.approx(inter / union, abs=0.05)
+    painted = np.zeros((2, 96, 128), dtype=bool)  # inclusive boxes painted as pixels
+    for plane, (x1, y1, x2, y2) in zip(painted, (target.boxes[0], other.boxes[0])):
+        plane[y1 : y2 + 1, x1 : x2 + 1] = True
+    pixel_iou = (painted[0] & painted[1]).sum() / (painted[0] | painted[1]).sum()
+    assert greedy_box_iou(reasoner, [other])["box_iou"] == pytest.approx(pixel_iou, abs=0.05)
 
 
 def test_vision_tower_gets_its_own_learning_rate_and_decay(reasoner_dir, tmp_path):

@@ -42,6 +42,7 @@ from star_edge.reasoner.torch_backend import TorchReasoner, quiet_transformers
 from star_edge.train import csv_log
 from star_edge.train.answer_text import format_answer
 from star_edge.train.object_pooling import coverage_weights
+from star_edge.train.rewards import box_iou
 
 logger = logging.getLogger(__name__)
 
@@ -269,8 +270,9 @@ def greedy_objects(reasoner: TorchReasoner, sample: GroundingSample) -> list[Ans
 
 
 def greedy_box_iou(reasoner: TorchReasoner, samples: Sequence[GroundingSample]) -> dict[str, float]:
-    """Greedy answers on held-out samples: mean best-match box IoU of the first target, the share
-    with IoU >= 0.5, and the share of answers that parse."""
+    """Greedy answers on held-out samples: mean best-match box IoU of the first target (boxes
+    pixel-inclusive, as the rewards count them), the share with IoU >= 0.5, and the share of answers
+    that parse."""
     ious, parsed = [], 0
     for sample in samples:
         objects = greedy_objects(reasoner, sample)
@@ -281,19 +283,11 @@ def greedy_box_iou(reasoner: TorchReasoner, samples: Sequence[GroundingSample]) 
         if len(sample.boxes) == 0:
             ious.append(1.0 if not objects else 0.0)
             continue
-        target = np.asarray(sample.boxes[0], dtype=np.float64)
-        ious.append(max((_box_iou(np.asarray(o.box, np.float64), target) for o in objects), default=0.0))
+        answered = np.array([o.box for o in objects], dtype=np.float64).reshape(-1, 4)
+        ious.append(float(box_iou(answered, sample.boxes[:1]).max(initial=0.0)))
     values = np.asarray(ious)
     return {"box_iou": float(values.mean()), "acc50": float((values >= 0.5).mean()),
             "parsed": parsed / max(1, len(samples))}
-
-
-def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 def naming_cross_entropy(head: torch.nn.Module, vision_output: Any, weights: torch.Tensor,
