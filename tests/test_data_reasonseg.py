@@ -286,7 +286,11 @@ def test_training_reads_every_kind_of_folder_whole_or_its_train_split(tmp_path):
     DatasetDict({"train": dataset.select([0, 1]), "test": dataset}).save_to_disk(str(tmp_path / "dict"))
     items, count = open_items(DataConfig(source=str(tmp_path / "reasonseg")))
     assert count == 2 and [items(i).query for i in range(2)] == ["first", "second"]
-    assert items(0).boxes.tolist() == [[5, 4, 11, 8]]
+    assert items(0).boxes.tolist() == [[5, 4, 11, 8]] and items(0).ignore is None
+    ignore = np.zeros((20, 30), dtype=bool)
+    ignore[12:18, 20:28] = True
+    write_sample(tmp_path / "ignoring", "b", image, ["q"], False, mask_to_polygons(target), mask_to_polygons(ignore))
+    np.testing.assert_array_equal(open_items(DataConfig(source=str(tmp_path / "ignoring")))[0](0).ignore, ignore)
     assert open_items(DataConfig(source=str(tmp_path / "single")))[1] == 3
     items, count = open_items(DataConfig(source=str(tmp_path / "dict")))
     assert count == 2 and items(1).query == "query 1", "a DatasetDict trains on its train split"

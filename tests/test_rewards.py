@@ -9,6 +9,7 @@ import pytest
 
 import star_edge.train.rewards as rewards_module
 from star_edge.errors import InvalidInputError
+from star_edge.train.metrics import intersection_union, iou
 from star_edge.train.rewards import (RewardConfig, Target, box_iou, format_reward, mask_tier, non_repeat_reward,
                                      pair_terms, read_answer, score, score_answers, score_batch)
 
@@ -212,6 +213,26 @@ def test_targets_whose_boxes_points_and_masks_disagree_are_refused():
     many = np.array([[i % 90, 0, i % 90 + 5, 5] for i in range(130)])
     with pytest.raises(InvalidInputError, match="130 boxes, 125 points"):
         Target(boxes=many, points=many[:125, :2], image_size=(100, 100))  # both cut to 120 first
+
+
+def test_the_ignore_region_is_left_out_of_mask_iou_as_the_evaluation_leaves_it_out():
+    rng = np.random.default_rng(4)
+    truth = np.zeros((2, 30, 40), dtype=bool)
+    truth[0, 5:20, 5:25], truth[1, 18:28, 20:38] = True, True
+    ignore = np.zeros((30, 40), dtype=bool)
+    ignore[:, 22:30] = True
+    predicted = rng.random((3, 30, 40)) < 0.3
+    predicted[0] = truth[0] | ignore  # right but for the ignored pixels
+    boxes = np.array([[5, 5, 24, 19], [20, 18, 37, 27]])
+    goal = Target(boxes=boxes, points=boxes[:, :2] + 1, masks=truth, ignore=ignore)
+    found = rewards_module.mask_ious(predicted, goal)
+    expected = [[iou(*intersection_union(p, t, ignore)) for t in truth] for p in predicted]
+    np.testing.assert_allclose(found, expected, rtol=1e-12)
+    assert found[0, 0] == 1.0 and not goal.masks[:, ignore].any()
+    plain = rewards_module.mask_ious(predicted, Target(boxes=boxes, points=boxes[:, :2] + 1, masks=truth))
+    assert plain[0, 0] < 1.0
+    with pytest.raises(InvalidInputError, match=r"ignore region must be \(30, 40\) bool"):
+        Target(boxes=boxes, points=boxes[:, :2], masks=truth, ignore=ignore[:, :20])
 
 
 def test_mask_ious_must_fit_the_answer_and_target():

@@ -63,7 +63,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainItem:
     """One training example in original pixels: image (H, W, 3) uint8; boxes (n, 4) inclusive;
-    points (n, 2); labels n nouns; masks (n, H, W) bool; trace: the worded reasoning ("" if none)."""
+    points (n, 2); labels n nouns; masks (n, H, W) bool; trace: the worded reasoning ("" if none);
+    ignore: (H, W) bool pixels the mask reward leaves out (ReasonSeg's ignore regions), or None."""
 
     sample_id: str
     image: np.ndarray
@@ -73,6 +74,7 @@ class TrainItem:
     labels: list[str]
     masks: np.ndarray
     trace: str = ""
+    ignore: np.ndarray | None = None
 
 
 def synthetic_items(config: DataConfig) -> Callable[[int], TrainItem]:
@@ -93,7 +95,8 @@ class FolderItems:
     """Index -> item over a ReasonSeg-layout or `save_to_disk` folder: one item per (image, query).
 
     The target mask becomes one object: its inclusive bounding box, the pixel deepest inside it and
-    an empty label (ReasonSeg names no objects); a sample with an empty mask has no target.
+    an empty label (ReasonSeg names no objects); a sample with an empty mask has no target. Its
+    ignore region is left out of the mask reward, as the evaluation leaves it out.
     """
 
     def __init__(self, samples: Sequence[Any]) -> None:
@@ -114,7 +117,9 @@ class FolderItems:
         else:
             boxes, points = np.zeros((0, 4), np.int64), np.zeros((0, 2), np.int64)
             masks, labels = np.zeros((0, *mask.shape), dtype=bool), []
-        return TrainItem(f"{item.image_id}#{query}", pixels, item.queries[query], boxes, points, labels, masks)
+        ignore = np.asarray(item.ignore, dtype=bool)
+        return TrainItem(f"{item.image_id}#{query}", pixels, item.queries[query], boxes, points, labels, masks,
+                         ignore=ignore if ignore.any() else None)
 
 
 def open_items(config: DataConfig) -> tuple[Callable[[int], TrainItem], int]:
@@ -160,7 +165,8 @@ class RowBuilder:
             "prompt": build_messages(item.query, frame=self.frame, template=self.template),
             "image": resized,
             "sam_image": item.image,
-            "target": Target(item.boxes, item.points, item.masks, image_size=(width, height)),
+            "target": Target(item.boxes, item.points, item.masks, image_size=(width, height),
+                             ignore=item.ignore),
             "sample_id": item.sample_id,
         }
 

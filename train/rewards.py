@@ -92,15 +92,18 @@ class Target:
     """The target objects of one sample, in original image pixels.
 
     boxes: (n, 4) x1, y1, x2, y2, inclusive; points: (n, 2) x, y; masks: (n, H, W) bool or None;
-    image_size: (W, H) of the original image (defaults to the masks' size; required without masks).
+    image_size: (W, H) of the original image (defaults to the masks' size; required without masks);
+    ignore: (H, W) bool pixels left out of every mask IoU, predicted and target side alike (ReasonSeg's
+    ignore regions, as the evaluation leaves them out), or None.
     n = 0 means "no target"; boxes, points and masks must agree on n. Arrays are stored as float64 / bool
-    copies, truncated to 120 objects.
+    copies, truncated to 120 objects; stored masks have the ignore region cleared.
     """
 
     boxes: np.ndarray
     points: np.ndarray
     masks: np.ndarray | None = None
     image_size: tuple[int, int] | None = None
+    ignore: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
@@ -125,13 +128,30 @@ class Target:
         size = geometry.check_size(size, "image_size")
         if masks is not None and (masks.shape[2], masks.shape[1]) != size:
             raise InvalidInputError(f"target masks are {masks.shape[2]}x{masks.shape[1]}, image_size is {size}")
+        ignore = self.ignore
+        if ignore is not None:
+            ignore = np.asarray(ignore)
+            if ignore.dtype != np.bool_ or ignore.shape != (size[1], size[0]):
+                raise InvalidInputError(f"a target's ignore region must be ({size[1]}, {size[0]}) bool, "
+                                        f"got {ignore.shape} {ignore.dtype}")
+            ignore = ignore.copy()
+            if masks is not None:
+                masks = masks & ~ignore
         object.__setattr__(self, "boxes", boxes)
         object.__setattr__(self, "points", points)
         object.__setattr__(self, "masks", masks)
         object.__setattr__(self, "image_size", size)
+        object.__setattr__(self, "ignore", ignore)
 
     def __len__(self) -> int:
         return len(self.boxes)
+
+    def mask_iou(self, pred_masks: np.ndarray) -> np.ndarray:
+        """IoU (M, N) float64 of predicted masks (M, H, W) bool with the target's masks (bit-packed),
+        the ignore region left out; the target must have masks."""
+        if self.ignore is not None:
+            pred_masks = pred_masks & ~self.ignore
+        return pairwise_iou(pack_masks(pred_masks), pack_masks(self.masks))
 
 
 @dataclass(frozen=True)
@@ -280,7 +300,7 @@ def mask_ious(pred_masks: np.ndarray, target: Target) -> np.ndarray:
                                 f"bool, got {pred_masks.shape}")
     if len(pred_masks) == 0 or len(target) == 0:
         return np.zeros((len(pred_masks), len(target)))
-    return pairwise_iou(pack_masks(pred_masks), pack_masks(target.masks))
+    return target.mask_iou(pred_masks)
 
 
 def read_answer(text: str, image_size: Sequence[int], config: RewardConfig = RewardConfig()) -> Answer | ParseError:

@@ -7,7 +7,7 @@ sam_image, sample_id). Scoring a batch of rollouts:
 1. read every completion's answer (`rewards.read_answer`: the runtime parser, original pixels);
 2. per distinct image, embed it once and decode the box + point prompts of all its rollouts' objects
    in ONE `MaskDecoder.decode` call, then take the IoU of all those masks with the target masks in
-   one bit-packed `pairwise_iou` call;
+   one bit-packed `pairwise_iou` call (`Target.mask_iou`: the target's ignore region left out);
 3. score all rollouts with ONE batched Hungarian call (`rewards.score_answers`).
 
 The per-term means (format, accuracy, non_repeat, box_iou, box_l1, point, mask, count_match,
@@ -22,7 +22,6 @@ from typing import Any, Callable
 import numpy as np
 
 from star_edge.answer import Answer, ParseError
-from star_edge.kernels import pack_masks, pairwise_iou
 from star_edge.train.rewards import Reward, RewardConfig, Target, read_answer, score_answers
 
 
@@ -97,7 +96,7 @@ class StarReward:
             points = np.concatenate([answers[i].points for i in rollouts]).astype(np.float64)
             embedding = self.mask_decoder.embed(images[rollouts[0]])
             masks, _ = self.mask_decoder.decode(embedding, boxes, points)
-            all_ious = pairwise_iou(pack_masks(masks), pack_masks(target.masks))
+            all_ious = target.mask_iou(masks)
             for i, part in zip(rollouts, np.split(all_ious, np.cumsum(counts)[:-1])):
                 ious[i] = part
         return ious
