@@ -25,6 +25,7 @@ _LAZY = {
     "InvalidInputError": "star_edge.errors",
     "BundleError": "star_edge.errors",
     "BackendUnavailableError": "star_edge.errors",
+    "NumericalError": "star_edge.errors",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
