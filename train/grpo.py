@@ -5,8 +5,9 @@ comparison a model as small as the demo reasoner invites); the vision tower stay
 
 TRL owns sampling, the group-normalised advantages ((r - group mean) / (group std + eps), one value
 per rollout for all its tokens; TRL's eps is 1e-4 where DESIGN section 8 writes 1e-6: only a group
-whose rewards differ by less than ~1e-3 would tell them apart, and an all-equal group gets 0 either way), the clipped policy-ratio loss, the optional KL term, checkpoints,
-accelerate / DeepSpeed / FSDP and vLLM generation. `StarGRPOTrainer` overrides three small methods
+whose rewards differ by less than ~1e-3 would tell them apart, and an all-equal group gets 0 either
+way), the clipped policy-ratio loss, the optional KL term, checkpoints, accelerate / DeepSpeed /
+FSDP and vLLM generation. `StarGRPOTrainer` overrides three small methods
 for what TRL cannot express:
 
 - `_generate_single_turn` (REST only, training only): draws `rest_rollouts` (n) rollouts per prompt
