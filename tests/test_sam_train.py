@@ -10,7 +10,6 @@ import torch
 from pycocotools import mask as mask_utils
 from safetensors import safe_open
 
-from star_edge.errors import InvalidInputError
 from star_edge.export.tiny_sam import TINY_SAM_CONFIG
 from star_edge.sam.torch_backend import MaskDecoder
 from star_edge.train.sam_data import SamScene, model_inputs, split_scenes
@@ -156,12 +155,34 @@ def test_export_keeps_float16_only_within_the_iou_budget(tmp_path, scenes, max_i
     assert masks.shape == scenes[0].masks.shape and masks.dtype == bool
 
 
+def test_a_save_killed_between_its_moves_resumes_from_the_previous_checkpoint(tmp_path):
+    trainer = SamTrainer(tmp_path, _config())
+    trainer.train(max_steps=2)
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")
+    (tmp_path / "checkpoint.tmp" / "sam").mkdir(parents=True)  # the next save, half written
+    resumed = SamTrainer(tmp_path, _config())
+    assert resumed.resume() and resumed.state.step == 2
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 3
+
+
+def test_the_evaluation_of_the_step_time_runs_out_at_is_logged(tmp_path, scenes):
+    trainer = SamTrainer(tmp_path, _config(eval_every=1, eval_count=1), eval_scenes=scenes[:1])
+    trainer.train(max_steps=3, max_seconds=0.0)
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert trainer.state.step == 1 and rows[-1].split(",")[0] == "1" and rows[-1].split(",")[-1] == "1"
+
+
 def test_cli_trains_refuses_to_overwrite_resumes_and_exports(tmp_path, capsys):
     run = ["--run-dir", str(tmp_path / "run"), "--threads", "1", "--batch-size", "2", "--eval-count", "0",
            "--max-steps", "1"]
     main(run)
-    with pytest.raises(InvalidInputError, match="--resume"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
         main(run)
+    assert refused.value.code == 2 and "pass --resume to continue it" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main([*run, "--log-every", "0"])
+    assert refused.value.code == 2 and "log_every 0 (at least 1)" in capsys.readouterr().err
     main([*run, "--resume"])
     state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
     assert state["state"]["step"] == 2 and state["state"]["samples"] == 4

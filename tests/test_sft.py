@@ -282,3 +282,58 @@ def test_a_run_with_the_naming_loss_resumes_exactly_and_only_with_it(reasoner_di
         without.resume()
     with pytest.raises(InvalidInputError, match="naming_classes given"):
         _trainer(reasoner_dir, replace(config, naming_classes=()), tmp_path / "c", source=_shapes)
+
+
+def test_a_save_killed_between_its_moves_resumes_from_the_newest_complete_checkpoint(reasoner_dir, tmp_path):
+    """save() moves the old checkpoint aside, then the staged one in; a kill between the two used to
+    leave no checkpoint, and the resumed run started over from step 0 with its log wiped."""
+    config = SFTConfig(batch_size=2, lr=1e-3, warmup_steps=1, total_steps=4, log_every=1,
+                       checkpoint_every=1, eval_every=0)
+    _trainer(reasoner_dir, config, tmp_path).train(max_steps=2)
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.rename(tmp_path / "checkpoint.old")  # killed after the first move, the next save half written
+    (tmp_path / "checkpoint.tmp" / "reasoner").mkdir(parents=True)
+    resumed = _trainer(reasoner_dir, config, tmp_path)
+    assert resumed.resume() and resumed.state.step == 2 and len(_log_rows(tmp_path)) == 2
+    shutil.copytree(checkpoint, tmp_path / "checkpoint.tmp", dirs_exist_ok=True)  # the next save complete
+    checkpoint.rename(tmp_path / "checkpoint.old")
+    assert _trainer(reasoner_dir, config, tmp_path).resume() and not (tmp_path / "checkpoint.tmp").exists()
+
+
+def test_a_resumed_run_takes_its_group_settings_from_its_config_not_the_checkpoint(reasoner_dir, tmp_path):
+    config = SFTConfig(batch_size=2, lr=1e-3, warmup_steps=1, total_steps=4, log_every=1,
+                       checkpoint_every=1000, eval_every=0, vision_lr_scale=0.1, vision_weight_decay=0.1)
+    _trainer(reasoner_dir, config, tmp_path).train(max_steps=1)
+    changed = replace(config, vision_lr_scale=0.5, vision_weight_decay=0.0)
+    resumed = _trainer(reasoner_dir, changed, tmp_path)
+    assert resumed.resume()
+    vision = resumed.optimizer.param_groups[1]
+    assert (vision["lr_scale"], vision["weight_decay"]) == (0.5, 0.0)
+    assert resumed.optimizer.state, "Adam's moments came back"
+    with pytest.raises(InvalidInputError, match="the run is at step 0 of total_steps 4, max_steps -1"):
+        _trainer(reasoner_dir, changed, tmp_path / "fresh").train(max_steps=-1)
+    behind = _trainer(reasoner_dir, replace(changed, total_steps=1), tmp_path / "behind")
+    behind.state.step = 2
+    with pytest.raises(InvalidInputError, match="at step 2 of total_steps 1"):
+        behind.train()
+
+
+@pytest.mark.parametrize("field, value, message", [("log_every", 0, "log_every 0"), ("batch_size", 0, "batch_size"),
+                                                   ("lr", 0.0, "lr 0.0"), ("amp_dtype", "float16", "gradient scaler")])
+def test_sft_settings_out_of_range_are_refused(field, value, message):
+    with pytest.raises(InvalidInputError, match=message):
+        SFTConfig(**{field: value})
+
+
+@pytest.mark.gpu
+def test_a_checkpoint_saved_on_a_gpu_resumes_on_the_cpu(reasoner_dir, tmp_path):
+    config = SFTConfig(batch_size=2, lr=1e-3, warmup_steps=1, total_steps=4, log_every=1, checkpoint_every=1000,
+                       eval_every=0, naming_weight=0.0)
+    directory, section = reasoner_dir
+    on_gpu = SFTTrainer(TorchReasoner.from_dir(directory, section, device="cuda", dtype=torch.float32), directory,
+                        scene, [], config, tmp_path)
+    on_gpu.train(max_steps=1)
+    resumed = _trainer(reasoner_dir, config, tmp_path)
+    assert resumed.resume() and resumed.state.step == 1
+    assert all(value.device.type == "cpu" for state in resumed.optimizer.state.values() for value in state.values()
+               if isinstance(value, torch.Tensor))

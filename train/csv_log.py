@@ -4,6 +4,7 @@ and rewound when a run resumes from a checkpoint older than its last logged step
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ def rewind(path: Path, fields: Sequence[str], step: int) -> None:
         return
     with open(path, newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
-    with open(path, "w", newline="") as handle:
+    rewritten = path.with_name(path.name + ".tmp")
+    with open(rewritten, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(fields))
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(rewritten, path)  # a run killed while rewinding keeps its log

@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from star_edge.errors import InvalidInputError
 from star_edge.export.tiny_sam import make_tiny_sam, write_sam_dir
 from star_edge.sam.checkpoints import WEIGHTS_FILE, read_sam_config
-from star_edge.train import csv_log
+from star_edge.train import checkpoint_swap, csv_log
 from star_edge.train.data.synthetic import split_seed
 from star_edge.train.sam_data import SamScene, ScenePrompts, model_inputs, scene_at, split_scenes
 from star_edge.train.sam_eval import evaluate, export_sam
@@ -83,6 +83,15 @@ class SamTrainConfig:
     """Data seed: train scenes come from split_seed(data_seed, "train")."""
     seed: int = 0
     """Seeds the initial weights and the torch RNG."""
+
+    def __post_init__(self) -> None:
+        least = {"batch_size": 1, "total_steps": 1, "log_every": 1, "checkpoint_every": 1, "decay_start_step": 0,
+                 "eval_every": 0, "eval_count": 0}
+        low = [f"{name} {getattr(self, name)} (at least {bound})" for name, bound in least.items()
+               if getattr(self, name) < bound]
+        if low or not self.lr > 0:
+            raise InvalidInputError(f"SAM training settings out of range: "
+                                    f"{', '.join(low) or f'lr {self.lr} (must be > 0)'}")
 
 
 @dataclass
@@ -170,13 +179,15 @@ class SamTrainer:
         """Load `run_dir/checkpoint` if there is one (weights, optimiser, RNG, position); either
         way, rows that log.csv holds past the step the run goes on from (a run stopped between
         checkpoints, or before its first) are dropped, as the run logs those steps again."""
-        state_file = self.checkpoint_dir / "trainer_state.json"
+        checkpoint_swap.recover(self.checkpoint_dir)
+        state_file = self.checkpoint_dir / checkpoint_swap.STATE_FILE
         found = state_file.is_file()
         if found:
             self.sam_config = read_sam_config(self.checkpoint_dir / "sam")
             self.sam.load_state_dict(load_file(str(self.checkpoint_dir / "sam" / WEIGHTS_FILE)))
-            self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
-            torch.set_rng_state(torch.load(self.checkpoint_dir / "rng.pt", weights_only=True))
+            optimizer = torch.load(self.checkpoint_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(optimizer)
+            torch.set_rng_state(torch.load(self.checkpoint_dir / "rng.pt", map_location="cpu", weights_only=True))
             self.state = TrainerState(**json.loads(state_file.read_text())["state"])
         csv_log.rewind(self.run_dir / "log.csv", LOG_FIELDS, self.state.step)
         return found
@@ -210,15 +221,15 @@ class SamTrainer:
                            "elapsed_s": round(self.state.elapsed_s, 1)}, on_log)
                 window_loss, window_steps, window_samples = 0.0, 0, 0
                 window_start = time.perf_counter()
-            if out_of_time:
-                break
             if config.eval_every and self.eval_scenes and self.state.step % config.eval_every == 0:
-                self.save()
+                self.save()  # evaluated on the written checkpoint, also at the step time runs out
                 self._log_evaluation(on_log)
                 self.state.elapsed_s = elapsed_before + time.perf_counter() - started
                 window_start = time.perf_counter()
             elif self.state.step % config.checkpoint_every == 0:
                 self.save()
+            if out_of_time:
+                break
         self.save()
         return self.state
 
@@ -254,21 +265,15 @@ class SamTrainer:
                              float(self.sam_config["mask_threshold"]), self.config.iou_loss_weight)
 
     def save(self) -> Path:
-        """Write `run_dir/checkpoint`, replacing the previous one only once the new one is complete."""
-        staging = self.run_dir / "checkpoint.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
+        """Write `run_dir/checkpoint`, replacing the previous one only once the new one is complete
+        (`checkpoint_swap`)."""
+        staging = checkpoint_swap.staging_folder(self.checkpoint_dir)
         write_sam_dir(self.sam, self.sam_config, staging / "sam")
         torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(torch.get_rng_state(), staging / "rng.pt")
-        (staging / "trainer_state.json").write_text(json.dumps(
+        (staging / checkpoint_swap.STATE_FILE).write_text(json.dumps(
             {"state": asdict(self.state), "config": asdict(self.config)}, indent=2))
-        previous = self.run_dir / "checkpoint.old"
-        shutil.rmtree(previous, ignore_errors=True)
-        if self.checkpoint_dir.exists():
-            self.checkpoint_dir.rename(previous)
-        staging.rename(self.checkpoint_dir)
-        shutil.rmtree(previous, ignore_errors=True)
-        return self.checkpoint_dir
+        return checkpoint_swap.swap_in(staging, self.checkpoint_dir)
 
     def _log_evaluation(self, on_log: Callable[[dict[str, Any]], None] | None) -> None:
         result = evaluate(self.checkpoint_dir / "sam", self.eval_scenes)
@@ -303,6 +308,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, default in asdict(SamTrainConfig()).items():
         parser.add_argument("--" + name.replace("_", "-"), default=default, type=type(default))
     args = parser.parse_args(argv)
+    try:
+        _run(args)
+    except InvalidInputError as exc:
+        parser.exit(2, f"error: {exc}\n")
+
+
+def _run(args: argparse.Namespace) -> None:
+    """`main` after parsing."""
     if args.threads:
         torch.set_num_threads(args.threads)
     config = SamTrainConfig(**{name: getattr(args, name) for name in asdict(SamTrainConfig())})
@@ -317,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             report = {"mask_iou": result.mask_iou, "scenes": result.scenes, "prompts": result.prompts}
         print(json.dumps(report), flush=True)
         return
-    if sam_dir.parent.exists() and not args.resume:
+    if any(args.run_dir.glob("checkpoint*")) and not args.resume:  # checkpoint.tmp / .old: a killed save
         raise InvalidInputError(f"{args.run_dir} already holds a run: pass --resume to continue it")
     trainer = SamTrainer(args.run_dir, config,
                          eval_scenes=split_scenes(config.data_seed, config.eval_split, config.eval_count))

@@ -39,7 +39,7 @@ from star_edge.answer import AnswerObject, ParseError, parse
 from star_edge.errors import InvalidInputError
 from star_edge.reasoner.prompts import build_messages
 from star_edge.reasoner.torch_backend import TorchReasoner, quiet_transformers
-from star_edge.train import csv_log
+from star_edge.train import checkpoint_swap, csv_log
 from star_edge.train.answer_text import format_answer
 from star_edge.train.object_pooling import coverage_weights
 from star_edge.train.rewards import box_iou
@@ -122,6 +122,17 @@ class SFTConfig:
     `SceneObjects`' fields (the synthetic generator's samples have them)."""
     naming_classes: tuple[str, ...] = ()
     """The nouns the naming head tells apart (needed when `naming_weight` > 0)."""
+
+    def __post_init__(self) -> None:
+        counts = {"batch_size": 1, "total_steps": 1, "log_every": 1, "checkpoint_every": 1, "warmup_steps": 0,
+                  "eval_every": 0, "eval_count": 0, "num_workers": 0}
+        low = [f"{name} {getattr(self, name)} (at least {least})" for name, least in counts.items()
+               if getattr(self, name) < least]
+        if low or not self.lr > 0:
+            raise InvalidInputError(f"SFT settings out of range: {', '.join(low) or f'lr {self.lr} (must be > 0)'}")
+        if self.amp_dtype not in (None, "bfloat16"):
+            raise InvalidInputError(f"amp_dtype must be None or 'bfloat16', got {self.amp_dtype!r} (float16 would "
+                                    "need a gradient scaler, which this loop does not have)")
 
 
 @dataclass
@@ -321,6 +332,7 @@ class SFTTrainer:
         self.device = self.model.device
         groups = _parameter_groups(self.model, config)
         self.naming_head: torch.nn.Linear | None = None
+        torch.manual_seed(config.seed)  # the naming head's initial weights, and dropout where a model has it
         if config.naming_weight:
             self.naming_head = torch.nn.Linear(self.model.config.text_config.hidden_size,
                                                len(config.naming_classes)).to(self.device)
@@ -339,7 +351,8 @@ class SFTTrainer:
 
         Raises InvalidInputError when the checkpoint was trained with the naming loss and this run
         is not, or the other way round."""
-        state_file = self.checkpoint_dir / "trainer_state.json"
+        checkpoint_swap.recover(self.checkpoint_dir)
+        state_file = self.checkpoint_dir / checkpoint_swap.STATE_FILE
         found = state_file.is_file()
         if found:
             head_file = self.checkpoint_dir / NAMING_HEAD_FILE
@@ -348,11 +361,18 @@ class SFTTrainer:
                 raise InvalidInputError(f"{self.checkpoint_dir} was trained {trained} the naming loss; resume it "
                                         f"{trained} it, or start from its weights (--from-weights)")
             if self.naming_head is not None:
-                self.naming_head.load_state_dict(torch.load(head_file, weights_only=True))
+                self.naming_head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
             saved = type(self.model).from_pretrained(self.checkpoint_dir / "reasoner", dtype=torch.float32)
             self.model.load_state_dict(saved.state_dict())
-            self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
-            torch.set_rng_state(torch.load(self.checkpoint_dir / "rng.pt", weights_only=True))
+            # saved on a GPU, resumed on a CPU or another GPU: load_state_dict moves the moments to the
+            # parameters' device
+            optimizer = torch.load(self.checkpoint_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+            settings = [{key: group[key] for key in ("lr_scale", "weight_decay")}
+                        for group in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(optimizer)  # which also brings back the saved groups' settings:
+            for group, setting in zip(self.optimizer.param_groups, settings):  # this run's config decides
+                group.update(setting)
+            torch.set_rng_state(torch.load(self.checkpoint_dir / "rng.pt", map_location="cpu", weights_only=True))
             self.state = TrainerState.read(state_file)
         self._rewind_log()
         return found
@@ -370,6 +390,9 @@ class SFTTrainer:
               on_log: Callable[[dict], None] | None = None) -> TrainerState:
         """Run until `total_steps`, `max_steps` more steps, or `max_seconds`, then checkpoint."""
         config = self.config
+        if (max_steps is not None and max_steps < 0) or self.state.step > config.total_steps:
+            raise InvalidInputError(f"nothing to train: the run is at step {self.state.step} of total_steps "
+                                    f"{config.total_steps}, max_steps {max_steps}")
         stop_step = config.total_steps if max_steps is None else min(config.total_steps,
                                                                      self.state.step + max_steps)
         started = time.perf_counter()
@@ -404,8 +427,10 @@ class SFTTrainer:
                 window_loss, window_tokens, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
                 window_naming = []
             if config.eval_every and self.state.step % config.eval_every == 0 and self.eval_samples:
+                evaluated = time.perf_counter()
                 self._log({"step": self.state.step, "samples": self.state.samples_seen,
                            **self.evaluate()}, on_log)
+                window_start += time.perf_counter() - evaluated  # samples_per_s counts training only
             if self.state.step % config.checkpoint_every == 0:
                 self.save()
             if out_of_time:
@@ -424,9 +449,8 @@ class SFTTrainer:
 
     def save(self) -> Path:
         """Write the checkpoint into `out_dir/checkpoint`, replacing the previous one only once the
-        new one is complete."""
-        staging = self.out_dir / "checkpoint.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
+        new one is complete (`checkpoint_swap`)."""
+        staging = checkpoint_swap.staging_folder(self.checkpoint_dir)
         reasoner_dir = staging / "reasoner"
         for file in self.reasoner_dir.iterdir():
             if file.is_file() and not file.name.startswith("model"):
@@ -438,15 +462,9 @@ class SFTTrainer:
         if self.naming_head is not None:
             torch.save(self.naming_head.state_dict(), staging / NAMING_HEAD_FILE)
         torch.save(torch.get_rng_state(), staging / "rng.pt")
-        (staging / "trainer_state.json").write_text(json.dumps(
+        (staging / checkpoint_swap.STATE_FILE).write_text(json.dumps(
             {"state": asdict(self.state), "config": asdict(self.config)}, indent=2))
-        previous = self.out_dir / "checkpoint.old"
-        shutil.rmtree(previous, ignore_errors=True)
-        if self.checkpoint_dir.exists():
-            self.checkpoint_dir.rename(previous)
-        staging.rename(self.checkpoint_dir)
-        shutil.rmtree(previous, ignore_errors=True)
-        return self.checkpoint_dir
+        return checkpoint_swap.swap_in(staging, self.checkpoint_dir)
 
     def _batches(self, stop_step: int) -> Iterator[dict[str, torch.Tensor]]:
         # The stream goes on where the samples seen end, so a run resumed with another batch size
