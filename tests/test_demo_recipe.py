@@ -225,6 +225,14 @@ def test_demo_sft_without_labels_trains_and_bundles_the_no_label_format(tmp_path
     with pytest.raises(SystemExit) as stopped:  # the run folder keeps its answer format
         main([*run, "--until-step", "2"])
     assert stopped.value.code == 2 and "star_compact_v1_nolabel" in capsys.readouterr().err
+    # resumed without its settings: the checkpoint's (batch 2, warm-up 1 step), not DEMO_SFT's (batch 32)
+    main(["--run-dir", str(tmp_path / "run"), "--no-labels", "--until-step", "2"])
+    saved = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert saved["state"]["samples_seen"] == 4
+    assert (saved["config"]["batch_size"], saved["config"]["warmup_steps"]) == (2, 1)
+    with pytest.raises(SystemExit) as stopped:
+        main([*run, "--from-state", str(tmp_path / "state.json")])
+    assert stopped.value.code == 2 and "--from-state goes with --from-weights" in capsys.readouterr().err
 
     shipped = load_bundle(DEMO_BUNDLE_DIR)
     weights = tmp_path / "run" / "checkpoint" / "reasoner" / "model.safetensors"

@@ -20,7 +20,7 @@ import argparse
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tokenizers import Tokenizer
@@ -29,6 +29,7 @@ from star_edge.bundle import load_bundle
 from star_edge.errors import InvalidInputError
 from star_edge.export.tiny_reasoner import MAX_NUMBER_TOKEN, TinyDims, write_tiny_reasoner
 from star_edge.reasoner.torch_backend import TorchReasoner
+from star_edge.train import checkpoint_swap
 from star_edge.train.data.synthetic import SyntheticConfig, SyntheticSample, sample, split_seed
 from star_edge.train.data.synthetic_catalogue import KINDS
 from star_edge.train.demo_init import apply_demo_init
@@ -174,8 +175,21 @@ def run_sft(
     return trainer.train(max_steps=max_steps, max_seconds=max_seconds, on_log=on_log)
 
 
+RESUMED_SETTINGS = ("batch_size", "lr", "warmup_steps", "total_steps", "num_workers", "log_every", "checkpoint_every",
+                    "amp_dtype", "vision_lr_scale", "vision_weight_decay", "naming_weight")
+"""SFTConfig fields the command line sets; a resumed run keeps its checkpoint's unless given."""
+
+
+def checkpoint_config(run_dir: Path) -> dict[str, Any]:
+    """The SFTConfig fields `run_dir`'s checkpoint was saved with ({} without a checkpoint)."""
+    checkpoint_swap.recover(run_dir / "checkpoint")
+    state_file = run_dir / "checkpoint" / checkpoint_swap.STATE_FILE
+    return json.loads(state_file.read_text()).get("config", {}) if state_file.is_file() else {}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry: one SFT session of the demo reasoner (resumes `--run-dir`)."""
+    """Command-line entry: one SFT session of the demo reasoner (resumes `--run-dir`; the settings
+    not given on the command line are the checkpoint's)."""
     parser = argparse.ArgumentParser(description="Train the demo reasoner's SFT phase (resumable).")
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
@@ -196,26 +210,25 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="continue from these weights (model.safetensors) when RUN_DIR has no checkpoint")
     parser.add_argument("--from-state", type=Path, default=None,
                         help="the trainer_state.json that goes with --from-weights (stream position)")
-    defaults = DEMO_SFT
-    for name in ("batch_size", "lr", "warmup_steps", "total_steps", "num_workers", "log_every",
-                 "checkpoint_every", "amp_dtype", "vision_lr_scale", "vision_weight_decay", "naming_weight"):
-        default = getattr(defaults, name)
-        parser.add_argument("--" + name.replace("_", "-"), default=default,
-                            type=type(default) if default is not None else str)
+    for name in RESUMED_SETTINGS:
+        default = getattr(DEMO_SFT, name)
+        parser.add_argument("--" + name.replace("_", "-"), default=None,
+                            type=type(default) if default is not None else str,
+                            help=f"default: the checkpoint's when resuming, else {default}")
     args = parser.parse_args(argv)
+    if args.from_state is not None and args.from_weights is None:
+        parser.error("--from-state goes with --from-weights (the stream position of those weights)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = SFTConfig(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                       total_steps=args.total_steps, num_workers=args.num_workers,
-                       log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-                       amp_dtype=args.amp_dtype, eval_every=args.eval_every,
-                       eval_count=args.eval_count, vision_lr_scale=args.vision_lr_scale,
-                       vision_weight_decay=args.vision_weight_decay, with_labels=not args.no_labels,
-                       naming_weight=args.naming_weight,
-                       naming_classes=tuple(sorted(KINDS)) if args.naming_weight else ())
+    saved = checkpoint_config(args.run_dir)
+    given = {name: getattr(args, name) for name in RESUMED_SETTINGS if getattr(args, name) is not None}
+    settings = {name: given.get(name, saved.get(name, getattr(DEMO_SFT, name))) for name in RESUMED_SETTINGS}
     phases = demo_curriculum(args.trace_locations)
     eval_samples = held_out(args.eval_count, phases[0].config) if args.eval_every else ()
     try:
+        config = SFTConfig(**settings, eval_every=args.eval_every, eval_count=args.eval_count,
+                           with_labels=not args.no_labels,
+                           naming_classes=tuple(sorted(KINDS)) if settings["naming_weight"] else ())
         run_sft(args.run_dir, config, device=args.device, max_steps=args.max_steps,
                 max_seconds=args.max_seconds, source=CurriculumSource(phases), eval_samples=eval_samples,
                 on_log=lambda row: print(json.dumps(row), flush=True), demo_init=not args.plain_init,
