@@ -260,12 +260,9 @@ class Segmenter:
             self._check_open()
             self._pin_threads()
             prepared = self.reasoner.prefill(Image.fromarray(pixels), query)
-            begin = time.perf_counter()
-            embedding = self.mask_decoder.embed(pixels)
-            sam_encode = _ms_since(begin)
-            vote = _StreamingVote(self, pixels, embedding, samples, margin)
+            vote = _StreamingVote(self, pixels, samples, margin)
             drawn = self.reasoner.sample(prepared, range(samples), seed, on_finished=vote.add)
-        timings = {**prepared.timings, **drawn.timings, "sam_encode": sam_encode, **vote.timings}
+        timings = {**prepared.timings, **drawn.timings, **vote.timings}
         timings["generate"] = timings["vision"] + timings["prefill"] + timings["decode"]
         begin = time.perf_counter()
         boxes, points, sample_ids, labels = _prompts_of(vote.valid)
@@ -344,21 +341,21 @@ class _StreamingVote:
         valid: the ones that parsed.
         masks: (M, H, W) bool, SAM's masks of every object of `valid`, in candidate order.
         scores: (M,) float32, their scores.
-        timings: "sam_decode" and "vote" (the settled checks) in ms, summed over the calls.
+        timings: "sam_encode" (the image is encoded at the first object answered, never when no
+            answer has one), "sam_decode" and "vote" (the settled checks) in ms, summed over the calls.
     """
 
-    def __init__(self, segmenter: Segmenter, pixels: np.ndarray, embedding: Any, samples: int,
-                 margin: int | None) -> None:
+    def __init__(self, segmenter: Segmenter, pixels: np.ndarray, samples: int, margin: int | None) -> None:
         self._segmenter = segmenter
         self._pixels = pixels
-        self._embedding = embedding
+        self._embedding: Any = None
         self._samples = samples
         self._margin = margin
         self.parsed: list[Sample] = []
         self.valid: list[Sample] = []
         self.masks = np.zeros((0, *pixels.shape[:2]), dtype=bool)
         self.scores = np.zeros((0,), dtype=np.float32)
-        self.timings = {"sam_decode": 0.0, "vote": 0.0}
+        self.timings = {"sam_encode": 0.0, "sam_decode": 0.0, "vote": 0.0}
 
     def add(self, finished: list[tuple[int, str]]) -> bool:
         """Take the (row, text) answers that finished at one decoding step (in row order); return
@@ -367,6 +364,10 @@ class _StreamingVote:
         self.parsed += new
         self.valid += [sample for sample in new if sample.ok]
         boxes, points, sample_ids, labels = _prompts_of(self.valid)
+        if len(boxes) > len(self.masks) and self._embedding is None:
+            begin = time.perf_counter()
+            self._embedding = self._segmenter.mask_decoder.embed(self._pixels)
+            self.timings["sam_encode"] = _ms_since(begin)
         begin = time.perf_counter()
         if len(boxes) > len(self.masks):
             self.masks, self.scores = decode_distinct(self._segmenter.mask_decoder, self._embedding,

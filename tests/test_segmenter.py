@@ -326,4 +326,6 @@ def test_an_answer_without_objects_leaves_sam_idle(tmp_path, image, answer):
         assert not result.objects and not result.mask.any() and encoded == []
         assert result.timings["sam_encode"] == result.timings["sam_decode"] == 0.0
         assert seg.segment(image, "what holds a drink?", samples=4, seed=0).objects == []
+        adaptive = seg.segment(image, "what holds a drink?", samples=4, seed=0, adaptive=True)
+        assert adaptive.objects == [] and adaptive.timings["sam_encode"] == 0.0
         assert encoded == []
