@@ -253,9 +253,13 @@ def test_a_stage_carried_without_its_optimiser_resumes_with_the_same_prompts_dra
     assert carried == tmp_path / "carried" / "checkpoints" / "checkpoint-2"
     assert [p.name for p in (tmp_path / "carried" / "checkpoints").iterdir()] == ["checkpoint-2"]
     assert not (carried / "optimizer.pt").exists() and (carried / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "carried" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "carried" / "adapter").exists(), "a finished stage's adapter/ is its last checkpoint's"
     shutil.rmtree(split / "stage1")
     shutil.copytree(tmp_path / "carried", split / "stage1")
+    code, output = run("--config", str(config), "--stage", "1", "--max-steps", "2", "--out", str(split), "--resume")
+    assert code == 0, output  # at its last step: adapter/ and the bundle written again from the checkpoint
+    adapter = (split / "stage1" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert adapter == (carried / "adapter_model.safetensors").read_bytes()
     code, output = run("--config", str(config), "--stage", "1", "--max-steps", "3", "--out", str(split), "--resume")
     assert code == 0, output
 

@@ -5,7 +5,9 @@ from a copy small enough to commit. `carry(stage_dir, dest)` copies a stage fold
 train` (`star_edge.train.run`'s layout) to `dest`:
 
     config.yaml, metrics.jsonl    as they are
-    adapter/                      when the stage has finished (what the next stage continues)
+    adapter/                      when the stage has finished (what the next stage continues), unless
+                                  its files are the last checkpoint's (a finished stage's are: `--resume`
+                                  at the last step writes adapter/ again from the checkpoint)
     checkpoints/checkpoint-N/     the last checkpoint only, without optimizer.pt: the weights (LoRA
                                   adapter, or the model under full fine-tuning), trainer_state.json
                                   (the step, hence the position in the prompt stream), rng_state.pth,
@@ -24,6 +26,7 @@ adapter; the rest the step log) against 11.8 MB with the optimiser.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,9 +74,17 @@ def carry(stage_dir: str | Path, dest: str | Path) -> Path:
     for name in STAGE_FILES:
         if (stage_dir / name).is_file():
             shutil.copy2(stage_dir / name, dest / name)
-    if (stage_dir / "adapter").is_dir():
-        shutil.copytree(stage_dir / "adapter", dest / "adapter")
+    adapter = stage_dir / "adapter"
+    if adapter.is_dir() and not _same_files(adapter, checkpoint):
+        shutil.copytree(adapter, dest / "adapter")
     return target
+
+
+def _same_files(folder: Path, checkpoint: Path) -> bool:
+    """Whether every file of `folder` is in `checkpoint` with the same bytes."""
+    files = [file for file in folder.iterdir() if file.is_file()]
+    return all((checkpoint / file.name).is_file() and filecmp.cmp(file, checkpoint / file.name, shallow=False)
+               for file in files)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
